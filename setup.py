@@ -19,6 +19,7 @@ setup(
         "diffusers_fair": [
             "toy/*",
             "toy/**/*",
+            "components/models/*",
         ],
     },
     install_requires=[
@@ -44,7 +45,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "scikit-image"],
+        "datasets": ["datasets"],
         "bench": ["pot"],
     },
     entry_points={"console_scripts": ["diffusers-fair = diffusers_fair.cli:main"]},
