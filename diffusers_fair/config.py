@@ -1,0 +1,568 @@
+"""What a training run is given: settings, prompt sets, and the seeded draws made from them.
+
+Every setting of a distributional-alignment run lives in one dataclass. Its defaults are the
+paper's Stable Diffusion 1.5 settings (text-encoder LoRA of rank 50, AdamW at 5e-5, EMA 0.996,
+19-23 DPM-Solver++ steps, guidance 7.5, 24 images per prompt, image-semantics weight 8 with
+factor 0.2 ...); :meth:`FairTrainingConfig.toy` gives the settings for the toy world, whose model
+is tiny and trains on a CPU. Each field carries its explanation in ``metadata["help"]``
+(``FairTrainingConfig.help()`` prints them all), and :meth:`FairTrainingConfig.validate` rejects
+bad values before any model is touched.
+
+A :class:`PromptSet` is a group of prompts with a sampling weight and, optionally, its own target
+distributions: one adaptor can be trained on occupations, sports and personal descriptors at once,
+oversampling the small groups. :func:`resolve_prompt_sets` and :func:`check_components` check the
+trainer's inputs against each other before any model is touched.
+
+Every random choice of an iteration (prompt, step count, noises) comes from :func:`draw_iteration`,
+a pure function of the config, the prompt sets and the iteration number, seeded through
+:func:`derive_seed`: every process draws the same, and a resumed run draws what the
+uninterrupted run would have drawn. Python's ``hash()`` is never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .targets import TargetDistribution
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+DFT_MODES = ("two_pass", "one_graph", "naive")
+SAMPLERS = ("dpmsolver++", "ddim", "euler", "pipeline")
+TRACKERS = ("auto", "tensorboard", "wandb", "none")
+_TOKEN_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A dataclass field whose explanation is kept in ``metadata["help"]``."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class FairTrainingConfig:
+    """All settings of a distributional-alignment finetuning run (defaults: the paper's SD 1.5 run).
+
+    Read each field's explanation with ``FairTrainingConfig.help()`` or in docs/TRAINING.md.
+    Build the toy-world settings with :meth:`toy`. Call :meth:`validate` (the trainer does) to get
+    a ``ValueError`` naming any bad value.
+    """
+
+    # ------------------------------------------------------------------ what is finetuned
+    base_model: str = _help(
+        "Hub id or folder of the base model, recorded in the adaptor's metadata.",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    )
+    train_text_encoder_lora: bool = _help("Train a LoRA on the text encoder (the paper's main setting).", True)
+    text_encoder_lora_rank: int = _help("Rank of the text-encoder LoRA (the paper: 50).", 50)
+    text_encoder_lora_alpha: float | None = _help(
+        "LoRA alpha of the text encoder; the LoRA output is scaled by alpha / rank. None means alpha = rank (scale 1).",
+        None,
+    )
+    text_encoder_lora_modules: tuple[str, ...] = _help(
+        "Text-encoder linear layers that get a LoRA: attention q/k/v/out_proj and the MLP's fc1/fc2.",
+        factory=lambda: ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    )
+    train_unet_lora: bool = _help("Train a LoRA on the U-Net's attention layers.", False)
+    unet_lora_rank: int = _help("Rank of the U-Net LoRA (the paper: 50).", 50)
+    unet_lora_alpha: float | None = _help("LoRA alpha of the U-Net; None means alpha = rank (scale 1).", None)
+    unet_lora_modules: tuple[str, ...] = _help(
+        "U-Net layers that get a LoRA: the attention projections.",
+        factory=lambda: ("to_q", "to_k", "to_v", "to_out.0"),
+    )
+    num_soft_tokens: int = _help(
+        "Number of learnable token embeddings prepended to the prompt (not to the negative prompt); 0 trains none. "
+        "The paper's soft-prompt setting uses 5.",
+        0,
+    )
+    soft_token_prefix: str = _help(
+        "Name of the soft tokens: the tokens are '<fair>', '<fair>_1', ... as diffusers' textual inversion names "
+        "a multi-vector token, and a prompt starting with '<fair>' uses them all. Must not be in the tokenizer.",
+        "<fair>",
+    )
+    soft_token_init: str = _help(
+        "Word whose token embedding initialises every soft token.", "a"
+    )
+
+    # ------------------------------------------------------------------ sampling
+    sampler: str = _help(
+        "Sampler used for training: 'dpmsolver++' (the paper's), 'ddim', 'euler' (built from the pipeline's "
+        "scheduler config), or 'pipeline' to keep the pipeline's own scheduler.",
+        "dpmsolver++",
+    )
+    min_inference_steps: int = _help("Fewest sampling steps; each iteration draws its step count uniformly.", 19)
+    max_inference_steps: int = _help("Most sampling steps (inclusive).", 23)
+    guidance_scale: float = _help("Classifier-free guidance weight (1 turns guidance off).", 7.5)
+    negative_prompt: str = _help("Negative prompt for classifier-free guidance (the paper's is empty).", "")
+    dft_mode: str = _help(
+        "How the gradient through the sampling chain is computed: 'two_pass' (adjusted DFT, memory flat in the "
+        "number of steps), 'one_graph' (adjusted DFT, one graph) or 'naive' (exact gradient, for comparison).",
+        "two_pass",
+    )
+    standardize_dft: bool = _help(
+        "Adjusted DFT: give every step's noise prediction the same weight (|A_t| = 1). False keeps the scheduler's coefficients.",
+        True,
+    )
+
+    # ------------------------------------------------------------------ batch
+    images_per_prompt: int = _help(
+        "Images generated per prompt and iteration, over all processes: the batch the alignment loss sees.", 24
+    )
+    micro_batch_size: int = _help(
+        "Images per forward/backward pass on one process; smaller values save memory, not results.", 4
+    )
+    gradient_accumulation_steps: int = _help(
+        "Prompts per optimizer step; each prompt is its own alignment batch, and the loss is the mean over all their images.", 1
+    )
+
+    # ------------------------------------------------------------------ losses
+    dal_threshold: float = _help(
+        "Confidence C of the distributional alignment loss: an image's dynamic target is used only when "
+        "max_k q[i, k] >= C (the official code's uncertainty threshold 0.2 is C = 0.8).",
+        0.8,
+    )
+    ot_monte_carlo_samples: int = _help(
+        "Expected-OT targets are exact where cheap (always for two classes); otherwise a Monte Carlo "
+        "estimate from this many label draws, each solved exactly.",
+        100,
+    )
+    weight_loss_img: float = _help(
+        "lambda_img: weight of the image-semantics loss (1 - cos of image embeddings against the frozen model's image) "
+        "for images that already have their target classes.",
+        8.0,
+    )
+    image_change_factor: float = _help(
+        "Factor on weight_loss_img for images whose target class differs from the original image's class (or is uncertain).",
+        0.2,
+    )
+    attribute_change_factors: dict[str, float] = _help(
+        "Per-attribute override of image_change_factor (e.g. {'race': 0.6}); an image needing several changes uses the smallest.",
+        factory=dict,
+    )
+    face_region_factor: float = _help(
+        "Extra factor on the image-semantics gradient inside the face region of images that must change, "
+        "so the face is freer to change than the rest of the image.",
+        0.2,
+    )
+    weight_loss_face: float = _help(
+        "lambda_face: weight of the face-realism loss (1 - cos of face embeddings against a reference face).", 1.0
+    )
+    own_face_confidence: float = _help(
+        "The original image's own face is the face-realism reference when it already has the target classes and "
+        "the classifier's confidence on it is at least this; otherwise the nearest face of the reference set.",
+        0.9,
+    )
+    face_box_scale: float | None = _help(
+        "Detected face boxes are grown into squares of this many times their longer side before cropping; "
+        "None uses the components' own crop_factor if they declare one, else 1.",
+        None,
+    )
+
+    # ------------------------------------------------------------------ optimisation
+    num_iterations: int = _help("Iterations (optimizer steps) to train for; the paper trains 10k-15k, most of the effect comes by 2k-4k.", 10000)
+    learning_rate: float = _help("Learning rate of AdamW (constant after the optional warmup).", 5e-5)
+    lr_warmup_iterations: int = _help("Iterations of linear learning-rate warmup from 0 (0: constant rate).", 0)
+    adam_beta1: float = _help("AdamW beta1: decay of the running mean of the gradients.", 0.9)
+    adam_beta2: float = _help("AdamW beta2: decay of the running mean of the squared gradients.", 0.999)
+    adam_epsilon: float = _help("AdamW epsilon: added to the denominator for numerical stability.", 1e-8)
+    weight_decay: float = _help("AdamW (decoupled) weight decay of the trained weights.", 1e-2)
+    max_grad_norm: float | None = _help("Gradients are clipped to this total norm; None: no clipping.", 100.0)
+    ema_decay: float = _help("Decay of the exponential moving average of the trained weights (the EMA is what is saved).", 0.996)
+    ema_warmup: bool = _help(
+        "Ramp the EMA decay as min(ema_decay, (1 + s) / (10 + s)) at update s (0 at the first), as diffusers' EMAModel does.",
+        True,
+    )
+    mixed_precision: str = _help(
+        "'no', 'fp16' or 'bf16': frozen weights in that precision, trained weights in float32.", "fp16"
+    )
+    gradient_checkpointing: bool = _help("Recompute U-Net and VAE activations in the backward pass to save memory.", False)
+    max_nonfinite_steps: int = _help(
+        "Steps with a NaN or infinite loss or gradient are skipped; training stops with an error once more than this many were skipped.",
+        10,
+    )
+
+    # ------------------------------------------------------------------ bookkeeping
+    seed: int = _help("Seed of every random draw (prompts, step counts, noises, LoRA initialisation).", 0)
+    output_dir: str = _help("Folder for checkpoints, logs, sample grids and plots.", "fair-diffusion-output")
+    log_with: str = _help(
+        "Tracker: 'auto' (tensorboard if installed, else none), 'tensorboard', 'wandb' or 'none'. "
+        "A JSONL log is always written to output_dir.",
+        "auto",
+    )
+    distribution_window: int = _help(
+        "Iterations over which the logged running class distribution of each attribute is counted.", 50
+    )
+    checkpoint_every: int = _help("Save a resumable checkpoint every this many iterations (0: only at the end).", 200)
+    checkpoints_total_limit: int | None = _help("Keep at most this many checkpoints (oldest removed); None keeps all.", 2)
+    resume_from: str | None = _help(
+        "Resume from a checkpoint folder, or 'latest' for the newest one in output_dir (none there: start fresh).", None
+    )
+    sample_every: int = _help("Save a grid of sample images every this many iterations (0: never).", 200)
+    sample_prompts: tuple[str, ...] = _help(
+        "Prompts of the sample grids; empty: the first four training prompts.", factory=tuple
+    )
+    sample_images_per_prompt: int = _help("Images per prompt in a sample grid.", 8)
+    progress: bool = _help("Show a tqdm progress bar over the iterations (main process only).", True)
+
+    # ------------------------------------------------------------------ presets and helpers
+    @classmethod
+    def toy(cls, **overrides) -> FairTrainingConfig:
+        """Settings for the toy world (32x32 images, a ~4M-parameter U-Net, a CPU).
+
+        Fewer iterations, 8 images per prompt in one micro-batch, 10-12 steps, guidance 4, a
+        rank-8 text-encoder LoRA at a higher learning rate, a faster EMA, float32. Any field can
+        be overridden: ``FairTrainingConfig.toy(num_iterations=50)``.
+        """
+        settings = dict(
+            base_model="diffusers-fair/toy",
+            text_encoder_lora_rank=8,
+            unet_lora_rank=8,
+            min_inference_steps=10,
+            max_inference_steps=12,
+            guidance_scale=4.0,
+            images_per_prompt=8,
+            micro_batch_size=8,
+            ot_monte_carlo_samples=100,
+            num_iterations=150,
+            learning_rate=2e-3,
+            ema_decay=0.95,
+            mixed_precision="no",
+            max_grad_norm=10.0,
+            checkpoint_every=50,
+            sample_every=50,
+            sample_images_per_prompt=8,
+            distribution_window=20,
+            output_dir="fair-toy-output",
+        )
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown FairTrainingConfig fields: {unknown}")
+        settings.update(overrides)
+        return cls(**settings)
+
+    @classmethod
+    def help(cls) -> str:
+        """Every field with its default and explanation, one per line."""
+        lines = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{f.name} = {default!r}: {f.metadata['help']}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FairTrainingConfig:
+        """Build a config from :meth:`to_dict`'s output; unknown keys are an error."""
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"unknown FairTrainingConfig fields: {unknown}")
+        converted = {}
+        for key, value in values.items():
+            if isinstance(value, list) and "tuple" in str(names[key].type):
+                value = tuple(value)
+            converted[key] = value
+        return cls(**converted)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> FairTrainingConfig:
+        """Raise ``ValueError`` naming the first bad value; return ``self`` when all are fine."""
+        _check_type(self)
+        if not (self.train_text_encoder_lora or self.train_unet_lora or self.num_soft_tokens > 0):
+            raise ValueError(
+                "nothing to train: set train_text_encoder_lora, train_unet_lora or num_soft_tokens > 0"
+            )
+        for name in ("text_encoder_lora_rank", "unet_lora_rank", "min_inference_steps", "images_per_prompt",
+                     "micro_batch_size", "gradient_accumulation_steps", "ot_monte_carlo_samples",
+                     "num_iterations", "distribution_window", "sample_images_per_prompt"):
+            _check_at_least(self, name, 1)
+        for name in ("num_soft_tokens", "lr_warmup_iterations", "max_nonfinite_steps", "seed",
+                     "checkpoint_every", "sample_every"):
+            _check_at_least(self, name, 0)
+        if self.checkpoints_total_limit is not None:
+            _check_at_least(self, "checkpoints_total_limit", 1)
+        if self.max_inference_steps < self.min_inference_steps:
+            raise ValueError(
+                f"max_inference_steps ({self.max_inference_steps}) must be >= min_inference_steps ({self.min_inference_steps})"
+            )
+        for name in ("text_encoder_lora_alpha", "unet_lora_alpha", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+        for name in ("learning_rate", "adam_epsilon"):
+            _check_positive(self, name)
+        if self.face_box_scale is not None:
+            _check_positive(self, "face_box_scale")
+        if self.guidance_scale < 1.0 or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {self.guidance_scale!r}")
+        for name in ("weight_decay", "weight_loss_img", "weight_loss_face"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("dal_threshold", "image_change_factor", "face_region_factor", "own_face_confidence"):
+            _check_unit_interval(name, getattr(self, name))
+        for attribute, factor in self.attribute_change_factors.items():
+            if not isinstance(attribute, str) or isinstance(factor, bool) or not isinstance(factor, (int, float)):
+                raise ValueError(f"attribute_change_factors must map attribute names to numbers, got {attribute!r}: {factor!r}")
+            _check_unit_interval(f"attribute_change_factors[{attribute!r}]", factor)
+        for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        for name, allowed in (("mixed_precision", MIXED_PRECISION), ("dft_mode", DFT_MODES),
+                              ("sampler", SAMPLERS), ("log_with", TRACKERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.log_with in ("tensorboard", "wandb") and importlib.util.find_spec(self.log_with) is None:
+            raise ValueError(f"log_with={self.log_with!r} but {self.log_with} is not installed (pip install {self.log_with})")
+        for name in ("text_encoder_lora_modules", "unet_lora_modules"):
+            modules = getattr(self, name)
+            if not modules or not all(isinstance(m, str) and m for m in modules):
+                raise ValueError(f"{name} must be a non-empty tuple of module names, got {modules!r}")
+        if self.num_soft_tokens and not _TOKEN_PATTERN.match(self.soft_token_prefix):
+            raise ValueError(
+                f"soft_token_prefix must look like '<name>' (letters, digits, '_', '-'), got {self.soft_token_prefix!r}"
+            )
+        if self.num_soft_tokens and not self.soft_token_init.strip():
+            raise ValueError("soft_token_init must be a non-empty word")
+        if not self.output_dir:
+            raise ValueError("output_dir must not be empty")
+        if any(not isinstance(p, str) or not p.strip() for p in self.sample_prompts):
+            raise ValueError("sample_prompts must be non-empty strings")
+        return self
+
+
+def _check_type(config: FairTrainingConfig) -> None:
+    """Check each value against its annotation (bools are not accepted as numbers)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        annotation = str(f.type)
+        optional = "None" in annotation
+        if value is None:
+            if not optional:
+                raise ValueError(f"{f.name} must not be None")
+            continue
+        if annotation.startswith("bool"):
+            ok = isinstance(value, bool)
+        elif annotation.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif annotation.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif annotation.startswith("str"):
+            ok = isinstance(value, str)
+        elif annotation.startswith("tuple"):
+            ok = isinstance(value, tuple)
+        elif annotation.startswith("dict"):
+            ok = isinstance(value, dict)
+        else:  # pragma: no cover - every field has one of the annotations above
+            ok = True
+        if not ok:
+            raise ValueError(f"{f.name} must be of type {annotation}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{f.name} must not be NaN")
+
+
+def _check_at_least(config, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_positive(config, name: str) -> None:
+    value = getattr(config, name)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+# ---------------------------------------------------------------------- prompt sets
+@dataclass
+class PromptSet:
+    """A group of training prompts.
+
+    Attributes:
+        prompts: the prompts; each iteration draws one set, then one of its prompts uniformly.
+        weight: relative frequency with which this set is drawn (oversampling weight); sets are
+            drawn with probability ``weight / sum(weights)``, whatever their sizes.
+        targets: target distributions for this set's prompts; ``None`` uses the trainer's targets.
+        name: a label for logs.
+    """
+
+    prompts: list[str]
+    weight: float = 1.0
+    targets: list[TargetDistribution] | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.prompts, str) or not isinstance(self.prompts, (list, tuple)):
+            raise ValueError(f"prompt set {self.name!r}: prompts must be a list of strings")
+        self.prompts = list(self.prompts)
+        if not self.prompts:
+            raise ValueError(f"prompt set {self.name!r} has no prompts")
+        for prompt in self.prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt set {self.name!r}: every prompt must be a non-empty string, got {prompt!r}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
+            math.isfinite(self.weight) and self.weight > 0
+        ):
+            raise ValueError(f"prompt set {self.name!r}: weight must be a positive number, got {self.weight!r}")
+        if self.targets is not None:
+            self.targets = list(self.targets)
+            if not self.targets or not all(isinstance(t, TargetDistribution) for t in self.targets):
+                raise ValueError(f"prompt set {self.name!r}: targets must be a non-empty list of TargetDistribution")
+
+
+def load_prompt_sets(path: str | Path) -> list[PromptSet]:
+    """Read prompt sets from a JSON file.
+
+    The file holds a list of objects ``{"name": ..., "prompts": [...], "weight": 1.0,
+    "targets": ["gender: male, female", ...]}`` (``weight``, ``targets`` and ``name`` optional;
+    targets in :meth:`TargetDistribution.parse` syntax), or a plain list of prompt strings.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"prompt set file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"prompt set file {path} is not valid JSON: {error}") from None
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"prompt set file {path} must hold a non-empty JSON list")
+    if all(isinstance(item, str) for item in data):
+        return [PromptSet(prompts=data, name=path.stem)]
+    sets = []
+    for index, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise ValueError(f"prompt set file {path}: entry {index} must be an object, got {type(item).__name__}")
+        unknown = sorted(set(item) - {"name", "prompts", "weight", "targets"})
+        if unknown:
+            raise ValueError(f"prompt set file {path}: entry {index} has unknown keys {unknown}")
+        if "prompts" not in item:
+            raise ValueError(f"prompt set file {path}: entry {index} has no 'prompts'")
+        targets = item.get("targets")
+        if targets is not None:
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise ValueError(f"prompt set file {path}: entry {index}: 'targets' must be a list of strings")
+            targets = [TargetDistribution.parse(t) for t in targets]
+        sets.append(PromptSet(prompts=item["prompts"], weight=item.get("weight", 1.0), targets=targets,
+                              name=str(item.get("name", f"set-{index}"))))
+    return sets
+
+
+# ---------------------------------------------------------------------------- checks of the trainer's inputs
+def resolve_prompt_sets(prompts, targets) -> list[PromptSet]:
+    """Normalise ``prompts`` and ``targets`` into prompt sets that each carry their targets."""
+    if isinstance(targets, TargetDistribution):
+        targets = [targets]
+    if targets is not None:
+        targets = list(targets)
+        if not targets or not all(isinstance(t, TargetDistribution) for t in targets):
+            raise ValueError("targets must be a non-empty list of TargetDistribution")
+    if isinstance(prompts, (str, PromptSet)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of prompt strings or of PromptSet")
+    prompts = list(prompts)
+    if all(isinstance(p, str) for p in prompts):
+        sets = [PromptSet(prompts=prompts, name="prompts")]
+    elif all(isinstance(p, PromptSet) for p in prompts):
+        sets = prompts
+    else:
+        raise ValueError("prompts must be all strings or all PromptSet, not a mix")
+    result = []
+    for s in sets:
+        chosen = s.targets if s.targets is not None else targets
+        if chosen is None:
+            raise ValueError(f"prompt set {s.name!r} has no targets and no trainer-wide targets were given")
+        attributes = [a for t in chosen for a in t.attributes]
+        if len(set(attributes)) != len(attributes):
+            raise ValueError(f"prompt set {s.name!r}: an attribute appears in several targets: {attributes}")
+        result.append(PromptSet(prompts=s.prompts, weight=s.weight, targets=chosen, name=s.name))
+    return result
+
+
+def check_components(components, prompt_sets: list[PromptSet], config: FairTrainingConfig) -> None:
+    for name in ("classifier", "detector", "image_embedders", "face_embedder", "reference_faces"):
+        if not hasattr(components, name):
+            raise ValueError(f"components lacks {name!r} (see diffusers_fair.components.base)")
+    classifier = components.classifier
+    known = getattr(classifier, "attributes", None)
+    if not isinstance(known, dict) or not isinstance(getattr(classifier, "input_size", None), int):
+        raise ValueError("components.classifier must have .attributes (name -> class names) and an int .input_size")
+    for prompt_set in prompt_sets:
+        for target in prompt_set.targets:
+            for attribute, classes in target.classes.items():
+                if attribute not in known:
+                    raise ValueError(f"target attribute {attribute!r} is not predicted by the classifier (it knows {sorted(known)})")
+                if tuple(known[attribute]) != tuple(classes):
+                    raise ValueError(f"target classes of {attribute!r} are {list(classes)}, the classifier's are "
+                                     f"{list(known[attribute])} (same names in the same order needed)")
+    if config.weight_loss_img > 0 and not components.image_embedders:
+        raise ValueError("weight_loss_img > 0 needs at least one image embedder in components.image_embedders")
+    if config.weight_loss_face > 0 and components.face_embedder is None:
+        raise ValueError("weight_loss_face > 0 needs components.face_embedder")
+    bank = components.reference_faces
+    if bank is not None and (not isinstance(bank, torch.Tensor) or bank.ndim not in (2, 4) or bank.shape[0] == 0):
+        shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
+        raise ValueError(f"components.reference_faces must be (M, D) face embeddings or (M, 3, S, S) face images, got {shape}")
+
+
+# ---------------------------------------------------------------------------- seeded draws
+def derive_seed(*keys: int | str) -> int:
+    """A 63-bit seed from integers and strings, identical on every process and platform."""
+    entropy = [int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little") if isinstance(k, str) else int(k)
+               for k in keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) & (2**63 - 1)
+
+
+@dataclass
+class TrainingDraw:
+    """The random choices of one prompt of one iteration.
+
+    Attributes:
+        prompt_set: index of the drawn prompt set.
+        prompt: the drawn prompt (without soft tokens).
+        num_inference_steps: the sampling step count.
+        noise: ``(images_per_prompt, C, h, w)`` float32 CPU initial noises of the whole batch;
+            process ``p`` of ``P`` takes rows ``p * n / P`` to ``(p + 1) * n / P``.
+        ot_seed: seed of the Monte Carlo draws of the expected-OT targets.
+    """
+
+    prompt_set: int
+    prompt: str
+    num_inference_steps: int
+    noise: torch.Tensor
+    ot_seed: int
+
+
+def draw_iteration(config: FairTrainingConfig, prompt_sets: list[PromptSet], latent_shape: tuple[int, int, int],
+                   iteration: int, index: int = 0) -> TrainingDraw:
+    """Draw prompt, step count and noises of prompt ``index`` of ``iteration`` (pure and seeded)."""
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, iteration, index, "draw"))
+    weights = torch.tensor([s.weight for s in prompt_sets], dtype=torch.float64)
+    set_index = int(torch.multinomial(weights, 1, generator=generator))
+    prompts = prompt_sets[set_index].prompts
+    prompt = prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
+    steps = int(torch.randint(config.min_inference_steps, config.max_inference_steps + 1, (1,), generator=generator))
+    noise = torch.randn((config.images_per_prompt, *latent_shape), generator=generator)
+    return TrainingDraw(set_index, prompt, steps, noise, derive_seed(config.seed, iteration, index, "ot"))
