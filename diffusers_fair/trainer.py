@@ -30,14 +30,13 @@ import os
 import tempfile
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpointing, losses
+from . import checkpointing, losses, trainable
 from .config import FairTrainingConfig, TrainingDraw, check_components, derive_seed, draw_iteration, resolve_prompt_sets
 from .dft import adjusted_backward, check_scheduler, sample_latents
 from .faces import crop_faces, expand_boxes
@@ -64,7 +63,7 @@ class DistributionalAlignmentTrainer:
     Args:
         config: a :class:`FairTrainingConfig` (validated here).
         pipeline: a ``StableDiffusionPipeline`` (or one with the same parts). It is modified in
-            place: LoRA layers and soft tokens are added to its text encoder / U-Net / tokenizer.
+            place: LoRA layers and soft tokens (``trainable.py``) are added to its text encoder / U-Net / tokenizer.
         targets: :class:`TargetDistribution` s (several attributes, joint targets); each attribute
             must be predicted by ``components.classifier`` with the same classes. May be ``None`` when
             every prompt set carries its own targets.
@@ -84,7 +83,8 @@ class DistributionalAlignmentTrainer:
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipeline, part, None) is None:
                 raise ValueError(f"the pipeline has no {part}")
-        self.soft_token_names = self._check_tokens(pipeline.tokenizer)
+        self.soft_token_names = trainable.soft_token_names(
+            config, pipeline.tokenizer, [p for prompt_set in self.prompt_sets for p in prompt_set.prompts])
         self.scheduler = self._training_scheduler(pipeline.scheduler)
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
@@ -108,9 +108,8 @@ class DistributionalAlignmentTrainer:
         self.crop_scale = config.face_box_scale if config.face_box_scale is not None else getattr(components, "crop_factor", 1.0)
 
         self._prepare_modules()
-        self.params: dict[str, torch.nn.Parameter] = {}
-        self.lora_configs = {}
-        self._add_trainable_weights()
+        weights = trainable.add_trainable_weights(pipeline, config, self.soft_token_names, self.device)
+        self.params, self.lora_configs, self.soft_token_ids = weights.params, weights.lora_configs, weights.soft_token_ids
         self.ema = {name: p.detach().clone().float() for name, p in self.params.items()}
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -127,23 +126,6 @@ class DistributionalAlignmentTrainer:
         self._batch_counts: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
-    def _check_tokens(self, tokenizer) -> list[str]:
-        """Check the soft-token names, their initial word and the prompt lengths; return the names."""
-        cfg = self.config
-        stem = cfg.soft_token_prefix
-        names = [stem] + [f"{stem}_{i}" for i in range(1, cfg.num_soft_tokens)] if cfg.num_soft_tokens else []
-        clashes = [n for n in names if n in tokenizer.get_vocab()]
-        if clashes:
-            raise ValueError(f"soft token names {clashes} are already in the tokenizer; choose another soft_token_prefix")
-        if names and len(tokenizer(cfg.soft_token_init, add_special_tokens=False).input_ids) != 1:
-            raise ValueError(f"soft_token_init {cfg.soft_token_init!r} must be a single token of the tokenizer")
-        for prompt in (p for prompt_set in self.prompt_sets for p in prompt_set.prompts):
-            length = len(tokenizer(prompt).input_ids) + len(names)
-            if length > tokenizer.model_max_length:
-                raise ValueError(f"prompt {prompt!r} (with soft tokens) is {length} tokens long; "
-                                 f"the tokenizer takes {tokenizer.model_max_length}")
-        return names
-
     def _make_accelerator(self):
         from accelerate import Accelerator
 
@@ -189,62 +171,6 @@ class DistributionalAlignmentTrainer:
             pipe.unet.enable_gradient_checkpointing()
             pipe.vae.enable_gradient_checkpointing()
 
-    def _add_trainable_weights(self) -> None:
-        """Soft tokens, text-encoder LoRA, U-Net LoRA; initialised from a CPU generator (any device, same values)."""
-        from peft import LoraConfig
-
-        cfg, pipe = self.config, self.pipeline
-        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init"))
-        if cfg.num_soft_tokens:
-            self._add_soft_tokens()
-        for part, enabled, rank, alpha, modules in (
-            ("text_encoder", cfg.train_text_encoder_lora, cfg.text_encoder_lora_rank, cfg.text_encoder_lora_alpha, cfg.text_encoder_lora_modules),
-            ("unet", cfg.train_unet_lora, cfg.unet_lora_rank, cfg.unet_lora_alpha, cfg.unet_lora_modules),
-        ):
-            if not enabled:
-                continue
-            lora_config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(modules))
-            module = getattr(pipe, part)
-            module.add_adapter(lora_config)
-            self.lora_configs[part] = lora_config
-            found = [(n, p) for n, p in module.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-            if not found:
-                raise ValueError(f"no {part} layer matched {part}_lora_modules {list(modules)}")
-            for name, param in found:
-                param.data = param.data.float()
-                if ".lora_A." in name:  # kaiming-uniform as peft's default, from our generator
-                    bound = 1.0 / math.sqrt(param.shape[1])
-                    param.data.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
-                else:
-                    param.data.zero_()
-                param.requires_grad_(True)
-                self.params[f"{part}.{name}"] = param
-
-    def _add_soft_tokens(self) -> None:
-        """Add tokens ``<fair>, <fair>_1, ...`` (diffusers' multi-vector textual-inversion names) whose
-        embeddings are the trained parameter ``soft_tokens``, substituted by a forward hook."""
-        cfg, tokenizer, encoder = self.config, self.pipeline.tokenizer, self.pipeline.text_encoder
-        names = self.soft_token_names
-        init_ids = tokenizer(cfg.soft_token_init, add_special_tokens=False).input_ids
-        tokenizer.add_tokens(names)
-        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        encoder.get_input_embeddings().requires_grad_(False)
-        self.soft_token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(names), device=self.device)
-        embedding = encoder.get_input_embeddings()
-        with torch.no_grad():
-            init = embedding.weight[init_ids[0]].detach().clone()
-            embedding.weight[self.soft_token_ids] = init.to(embedding.weight.dtype)
-        self.params["soft_tokens"] = torch.nn.Parameter(init.float().repeat(cfg.num_soft_tokens, 1))
-        embedding.register_forward_hook(self._substitute_soft_tokens)
-
-    def _substitute_soft_tokens(self, module, args, output):
-        ids = args[0]
-        match = ids.unsqueeze(-1) == self.soft_token_ids  # (B, T, n)
-        if not bool(match.any()):
-            return output
-        vectors = match.to(output.dtype) @ self.params["soft_tokens"].to(output.dtype)
-        return torch.where(match.any(dim=-1, keepdim=True), vectors, output)
-
     def _reference_face_bank(self) -> torch.Tensor | None:
         bank = self.components.reference_faces
         if bank is None or self.config.weight_loss_face == 0:
@@ -256,9 +182,6 @@ class DistributionalAlignmentTrainer:
         return bank
 
     # ------------------------------------------------------------------ model helpers
-    def _prefix(self) -> str:
-        return "".join(name + " " for name in self.soft_token_names)
-
     def _encode(self, text: str, batch: int) -> torch.Tensor:
         tokenizer = self.pipeline.tokenizer
         ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -267,35 +190,17 @@ class DistributionalAlignmentTrainer:
 
     def _embeddings(self, prompt: str, batch: int, finetuned: bool = True):
         """Prompt and negative-prompt embeddings (the negative one only with guidance)."""
-        cond = self._encode(self._prefix() + prompt if finetuned else prompt, batch)
+        cond = self._encode(trainable.soft_token_prefix(self.soft_token_names) + prompt if finetuned else prompt, batch)
         guided = self.config.guidance_scale > 1.0
         return cond, (self._encode(self.config.negative_prompt, batch) if guided else None)
 
-    @contextmanager
     def _frozen_model(self):
         """The original model: LoRA adapters disabled (soft tokens are simply left out of the prompt)."""
-        parts = [getattr(self.pipeline, part) for part in self.lora_configs]
-        for module in parts:
-            module.disable_adapters()
-        try:
-            yield
-        finally:
-            for module in parts:
-                module.enable_adapters()
+        return trainable.disabled_adapters([getattr(self.pipeline, part) for part in self.lora_configs])
 
-    @contextmanager
     def ema_weights(self):
-        """Temporarily put the EMA weights into the model (for samples and saving)."""
-        saved = {name: p.detach().clone() for name, p in self.params.items()}
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(self.ema[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(saved[name])
+        """Temporarily put the EMA weights into the model (for samples and saving); a context manager."""
+        return trainable.swapped_weights(self.params, self.ema)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipeline.vae
