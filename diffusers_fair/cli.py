@@ -88,5 +88,35 @@ def _version(args: argparse.Namespace) -> int:
 register("version", _version, help="print the version of diffusers-fair")
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    if args.iterations is not None:
+        settings.iterations = args.iterations
+    run_demo(args.out, settings)
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    parser.add_argument("--quick", action="store_true", help="a smaller run of a few minutes")
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: 100, quick: 12)")
+
+
+register("demo", _demo, help="audit, debias and re-audit the toy world's model (CPU, minutes)", add_arguments=_demo_arguments)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .report import eval_command
+
+    return eval_command(args)
+
+
+from .report import EVAL_HELP, add_eval_arguments  # noqa: E402  (light: matplotlib and diffusers load inside the command)
+
+register("eval", _eval, help=EVAL_HELP, add_arguments=add_eval_arguments)
+
+
 if __name__ == "__main__":
     sys.exit(main())

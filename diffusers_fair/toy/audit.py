@@ -1,0 +1,376 @@
+"""Audit a toy text-to-image model: which traits does each concept word produce?
+
+For each word, generate images from seeded noise, find the face, read its traits with the toy
+classifier, and count. The result per word and attribute is the class frequency vector ``f`` and
+the paper's bias ``bias(P) = mean over class pairs of |f_i - f_j|``; set against the word's training
+skew (``data/world.json``), it tells whether the base model learned the biases it was given:
+
+* **per-word correlation** of an attribute: the Pearson correlation, across words, between the
+  generated and the training frequencies: for a binary attribute of the share of its second class
+  (long hair, grey hair), for a multi-class one over all (word, class) entries;
+* the mean bias over words, generated and in the training skews, and the overall class shares
+  (e.g. the share of grey hair, the age slot's "old" share).
+
+    python -m diffusers_fair.toy.audit --model FOLDER --split test --images-per-word 32 --out DIR
+
+writes ``audit.json``, ``audit.md`` (tables) and one bar chart per attribute (``audit_<attr>.png``).
+Every word is generated from the same noise (image ``i`` of each word starts from the same latent),
+so that differences between words, or between two models audited with the same seed, come from
+the text and the weights rather than from the draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..evaluation import bias_metric
+from . import world
+from .components import ToyComponents, face_crops
+from .render import TRAITS
+
+
+@dataclass
+class WordAudit:
+    """The audit of one word.
+
+    Attributes:
+        word, group, split: the word and where it sits in the toy world.
+        prompt: the prompt the images were generated from.
+        num_images: images generated; ``num_faces`` of them had a detected face (only those are counted).
+        freqs: attribute -> generated class frequencies (over images with a face).
+        skew: attribute -> the word's training distribution.
+        bias: attribute -> bias of ``freqs``; ``skew_bias``: bias of ``skew``.
+    """
+
+    word: str
+    group: str
+    split: str
+    prompt: str
+    num_images: int
+    num_faces: int
+    freqs: dict[str, list[float]]
+    skew: dict[str, list[float]]
+    bias: dict[str, float]
+    skew_bias: dict[str, float]
+
+
+@dataclass
+class AttributeSummary:
+    """One attribute over all audited words.
+
+    Attributes:
+        slot: the paper's attribute the trait stands for (gender, race, age).
+        correlation: per-word correlation between generated and training frequencies (see module doc).
+        mean_bias, std_bias: generated bias over words; ``mean_skew_bias``: the same for the skews.
+        mean_abs_error: mean over words and classes of ``|f - skew|``.
+        shares: class -> generated frequency averaged over words; ``skew_shares``: the same for the skews.
+    """
+
+    slot: str
+    classes: list[str]
+    correlation: float
+    mean_bias: float
+    std_bias: float
+    mean_skew_bias: float
+    mean_abs_error: float
+    shares: dict[str, float]
+    skew_shares: dict[str, float]
+
+
+@dataclass
+class AuditResult:
+    words: list[WordAudit]
+    summary: dict[str, AttributeSummary]
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"settings": self.settings, "summary": {k: asdict(v) for k, v in self.summary.items()},
+                           "words": [asdict(w) for w in self.words]}, indent=2)
+
+    def to_markdown(self) -> str:
+        lines = ["| attribute (slot) | per-word correlation | bias (generated) | bias (training skew) | mean abs error | shares (generated) | shares (skew) |",
+                 "|---|---|---|---|---|---|---|"]
+        for name, s in self.summary.items():
+            shares = ", ".join(f"{c} {s.shares[c]:.2f}" for c in s.classes)
+            skew = ", ".join(f"{c} {s.skew_shares[c]:.2f}" for c in s.classes)
+            lines.append(f"| {name} ({s.slot}) | {s.correlation:.3f} | {s.mean_bias:.3f} ± {s.std_bias:.3f} | "
+                         f"{s.mean_skew_bias:.3f} | {s.mean_abs_error:.3f} | {shares} | {skew} |")
+        settings = ", ".join(f"{k} {v}" for k, v in self.settings.items() if not isinstance(v, dict))
+        lines += ["", f"Settings: {settings}."]
+        for key, label in (("explicit_prompt_agreement", "Explicit trait prompts read back as named"),
+                           ("reconstruction_accuracy", "Classifier accuracy on renders through the model's autoencoder")):
+            if key in self.settings:
+                lines.append(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in self.settings[key].items()) + ".")
+        lines += ["", "Per word (generated frequency / training skew; faces found / images):", ""]
+        head = ["word", "faces"] + [f"{a}: {'/'.join(c)}" for a, c in TRAITS.items()] + [f"bias {a}" for a in TRAITS]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for w in self.words:
+            cells = [f"{w.word} ({w.split})", f"{w.num_faces}/{w.num_images}"]
+            for a in TRAITS:
+                gen = "/".join(f"{x:.2f}" for x in w.freqs[a])
+                cells.append(f"{gen} (skew {'/'.join(f'{x:.2f}' for x in w.skew[a])})")
+            cells += [f"{w.bias[a]:.2f} ({w.skew_bias[a]:.2f})" for a in TRAITS]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def _as_word(word: world.Word | str) -> world.Word:
+    if isinstance(word, world.Word):
+        return word
+    known = {w.name: w for w in world.words()}
+    if word not in known:
+        raise ValueError(f"unknown toy-world word {word!r}")
+    return known[word]
+
+
+@torch.no_grad()
+def classify_images(images: torch.Tensor, components: ToyComponents) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Detect the face of each image and classify it: ``(found (B,), attribute -> predicted class (B,))``."""
+    detection = components.detector.detect(images)
+    classifier = components.classifier
+    crops = face_crops(images, detection.boxes, classifier.input_size, components.crop_factor)
+    logits = classifier(crops)
+    return detection.found, {name: logit.argmax(dim=1) for name, logit in logits.items()}
+
+
+def _device(components: ToyComponents) -> torch.device:
+    return next(components.classifier.parameters()).device
+
+
+def initial_latents(pipe, num: int, seed: int) -> torch.Tensor:
+    """``num`` seeded starting latents for ``pipe`` (the same for every word)."""
+    unet = pipe.unet
+    size = unet.config.sample_size
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((num, unet.config.in_channels, size, size), generator=gen)
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, latents: torch.Tensor, *, guidance_scale: float, num_inference_steps: int, batch_size: int) -> torch.Tensor:
+    """Images ``(N, 3, H, W)`` in ``[0, 1]`` for one prompt, one per starting latent."""
+    out = []
+    for start in range(0, len(latents), batch_size):
+        z = latents[start : start + batch_size].to(pipe.device, pipe.unet.dtype)
+        result = pipe([prompt] * len(z), latents=z, guidance_scale=guidance_scale,
+                      num_inference_steps=num_inference_steps, output_type="pt")
+        out.append(result.images.float().cpu())
+    return torch.cat(out)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x**2).sum() * (y**2).sum())
+    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def per_word_correlation(freqs: np.ndarray, skews: np.ndarray) -> float:
+    """Correlation across words of generated and training frequencies, both ``(words, classes)``.
+
+    Binary attributes: the share of the second class; more classes: all (word, class) entries.
+    """
+    if freqs.shape != skews.shape or freqs.ndim != 2:
+        raise ValueError(f"freqs and skews must be (words, classes) of one shape, got {freqs.shape} and {skews.shape}")
+    if freqs.shape[1] == 2:
+        return _pearson(freqs[:, 1], skews[:, 1])
+    return _pearson(freqs.ravel(), skews.ravel())
+
+
+def summarize(words: list[WordAudit]) -> dict[str, AttributeSummary]:
+    slots = {trait: slot for slot, trait in world.load_world()["slots"].items()}
+    summary = {}
+    for name, classes in TRAITS.items():
+        counted = [w for w in words if w.num_faces > 0]
+        if not counted:
+            raise ValueError("no audited word had a detected face")
+        f = np.array([w.freqs[name] for w in counted])
+        q = np.array([w.skew[name] for w in counted])
+        b = np.array([w.bias[name] for w in counted])
+        summary[name] = AttributeSummary(
+            slot=slots.get(name, ""),
+            classes=list(classes),
+            correlation=per_word_correlation(f, q) if len(counted) > 1 else float("nan"),
+            mean_bias=float(b.mean()),
+            std_bias=float(b.std()),
+            mean_skew_bias=float(np.mean([w.skew_bias[name] for w in counted])),
+            mean_abs_error=float(np.abs(f - q).mean()),
+            shares={c: float(f[:, i].mean()) for i, c in enumerate(classes)},
+            skew_shares={c: float(q[:, i].mean()) for i, c in enumerate(classes)},
+        )
+    return summary
+
+
+def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, components: ToyComponents, *,
+                   seed: int = 0, guidance_scale: float = 4.0, num_inference_steps: int = 15, batch_size: int = 32) -> AuditResult:
+    """Generate ``images_per_word`` images for each word's prompt and read their traits.
+
+    Args:
+        pipe: a ``StableDiffusionPipeline`` (e.g. the toy model, with or without a fair adaptor).
+        words: toy-world words (``world.Word`` or their names).
+        images_per_word: images per word; every word starts from the same ``seed``-ed latents.
+        components: the toy components (``load_toy_components()``).
+
+    Returns:
+        An :class:`AuditResult`: per-word frequencies and bias against the training skews, and a
+        per-attribute summary.
+    """
+    if images_per_word < 1 or batch_size < 1:
+        raise ValueError("images_per_word and batch_size must be positive")
+    words = [_as_word(w) for w in words]
+    if not words:
+        raise ValueError("no words to audit")
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_latents(pipe, images_per_word, seed)
+    audits = []
+    for word in tqdm(words, desc="audit", mininterval=5):
+        prompt = world.prompt(word)
+        images = generate(pipe, prompt, latents, guidance_scale=guidance_scale,
+                          num_inference_steps=num_inference_steps, batch_size=batch_size)
+        found, classes = classify_images(images.to(_device(components)), components)
+        found = found.cpu()
+        freqs, skew, bias, skew_bias = {}, {}, {}, {}
+        for name, names in TRAITS.items():
+            counts = torch.bincount(classes[name].cpu()[found], minlength=len(names)).double()
+            freqs[name] = (counts / counts.sum()).tolist() if counts.sum() > 0 else [float("nan")] * len(names)
+            skew[name] = [float(word.traits[name][c]) for c in names]
+            bias[name] = float(bias_metric(counts)) if counts.sum() > 0 else float("nan")
+            skew_bias[name] = float(bias_metric(torch.tensor(skew[name])))
+        audits.append(WordAudit(word.name, word.group, word.split, prompt, images_per_word, int(found.sum()),
+                                freqs, skew, bias, skew_bias))
+    settings = {"seed": seed, "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
+                "images_per_word": images_per_word, "num_words": len(words)}
+    return AuditResult(words=audits, summary=summarize(audits), settings=settings)
+
+
+@torch.no_grad()
+def explicit_prompt_agreement(pipe, components: ToyComponents, images_per_prompt: int = 16, *, seed: int = 0,
+                              guidance_scale: float = 4.0, num_inference_steps: int = 15, batch_size: int = 32) -> dict[str, float]:
+    """How often the classifier reads the trait an explicit prompt names, per attribute.
+
+    For every class of every trait, generate from "a photo of the face of a person with <class>
+    ..." and count the images classified as that class (faces not found count as misses). This
+    measures the model and the classifier together: a lower bound on the classifier's accuracy on
+    generated images, and the model's obedience to explicit prompts.
+    """
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_latents(pipe, images_per_prompt, seed)
+    device = _device(components)
+    out = {}
+    for name, classes in TRAITS.items():
+        hits = 0
+        for index, value in enumerate(classes):
+            images = generate(pipe, world.explicit_prompt(**{name: value}), latents, guidance_scale=guidance_scale,
+                              num_inference_steps=num_inference_steps, batch_size=batch_size)
+            found, predicted = classify_images(images.to(device), components)
+            hits += int(((predicted[name] == index) & found).sum())
+        out[name] = hits / (images_per_prompt * len(classes))
+    return out
+
+
+@torch.no_grad()
+def reconstruction_accuracy(pipe, components: ToyComponents, num_images: int = 400, *, seed: int = 0) -> dict[str, float]:
+    """The classifier's accuracy on rendered portraits passed through the model's autoencoder.
+
+    Encoding and decoding with ``pipe.vae`` gives images with the model's own blur and artefacts
+    whose traits are known exactly, so this measures the detector and classifier on the model's
+    image domain (faces not found count as errors).
+    """
+    from .render import random_traits, render
+
+    rng = np.random.default_rng(seed)
+    portraits = render(random_traits(num_images, rng), rng)
+    vae = pipe.vae
+    images = torch.from_numpy(portraits.images).to(vae.device, vae.dtype) * 2 - 1
+    gen = torch.Generator().manual_seed(seed)
+    latents = vae.encode(images).latent_dist.sample(generator=gen)
+    decoded = (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
+    found, predicted = classify_images(decoded.to(_device(components)), components)
+    return {name: float(((predicted[name].cpu() == torch.from_numpy(portraits.traits[name])) & found.cpu()).float().mean())
+            for name in TRAITS}
+
+
+def plot(result: AuditResult, out_dir: Path) -> list[Path]:
+    """One stacked bar chart per attribute: per word, the training skew (left, hatched) and the generated frequencies (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    names = [w.word for w in result.words]
+    x = np.arange(len(names))
+    for attr, classes in TRAITS.items():
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(names) + 2), 3.6))
+        colours = plt.get_cmap("tab10").colors
+        for offset, key, hatch in ((-0.2, "skew", "//"), (0.2, "freqs", None)):
+            bottom = np.zeros(len(names))
+            for i, c in enumerate(classes):
+                h = np.nan_to_num(np.array([getattr(w, key)[attr][i] for w in result.words]))
+                ax.bar(x + offset, h, 0.38, bottom=bottom, color=colours[i], hatch=hatch, edgecolor="white", linewidth=0.3,
+                       label=c if key == "freqs" else None)
+                bottom += h
+        s = result.summary[attr]
+        ax.set_title(f"{attr} ({s.slot}): training skew (hatched) vs generated; correlation {s.correlation:.2f}")
+        ax.set_xticks(x, names, rotation=70, fontsize=7)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.13, 1))
+        fig.tight_layout()
+        path = out_dir / f"audit_{attr}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> AuditResult:
+    from diffusers import StableDiffusionPipeline
+
+    from .components import load_toy_components
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a StableDiffusionPipeline folder (e.g. diffusers_fair.toy.model_path())")
+    parser.add_argument("--split", choices=["train", "test", "all"], default="test")
+    parser.add_argument("--group", default="occupation", help="occupation, sport, descriptor or all")
+    parser.add_argument("--images-per-word", type=int, default=32)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--explicit", type=int, default=0, help="also check explicit-trait prompts with this many images each")
+    parser.add_argument("--reconstructions", type=int, default=0,
+                        help="also measure the classifier on this many renders passed through the model's autoencoder")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model)
+    components = load_toy_components()
+    chosen = world.words(None if args.group == "all" else args.group, None if args.split == "all" else args.split)
+    result = audit_pipeline(pipe, chosen, args.images_per_word, components, seed=args.seed, guidance_scale=args.guidance_scale,
+                            num_inference_steps=args.steps, batch_size=args.batch_size)
+    result.settings.update(model=str(args.model), split=args.split, group=args.group)
+    if args.explicit:
+        result.settings["explicit_prompt_agreement"] = explicit_prompt_agreement(
+            pipe, components, args.explicit, seed=args.seed, guidance_scale=args.guidance_scale,
+            num_inference_steps=args.steps, batch_size=args.batch_size)
+    if args.reconstructions:
+        result.settings["reconstruction_accuracy"] = reconstruction_accuracy(pipe, components, args.reconstructions, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "audit.json").write_text(result.to_json() + "\n")
+    (args.out / "audit.md").write_text(result.to_markdown())
+    plot(result, args.out)
+    print(result.to_markdown().split("\n\n")[0])
+    for key in ("explicit_prompt_agreement", "reconstruction_accuracy"):
+        if key in result.settings:
+            print(f"{key}:", {k: round(v, 3) for k, v in result.settings[key].items()})
+    return result
+
+
+if __name__ == "__main__":
+    main()
