@@ -1,0 +1,564 @@
+"""Fair adaptors on disk: the files training produces and every loader reads.
+
+A *fair adaptor* is a small folder that changes a Stable Diffusion pipeline so that the images a
+prompt produces follow a target distribution of protected attributes. It holds:
+
+``pytorch_lora_weights.safetensors``
+    LoRA weights for the text encoder and/or the U-Net, written by diffusers' own
+    ``StableDiffusionPipeline.save_lora_weights`` (peft key names with a ``text_encoder.`` /
+    ``unet.`` prefix, the ``LoraConfig`` of each component in the safetensors header under
+    ``lora_adapter_metadata``). A stock pipeline loads it with ``pipe.load_lora_weights(folder)``.
+    Text-encoder keys keep the ``text_model.`` level (``text_encoder.text_model.encoder.layers.0
+    .self_attn.q_proj.lora_A.weight``), the layout of Stable Diffusion LoRAs on the Hub: diffusers
+    strips it for text encoders without that level (transformers >= 5), and older stacks need it.
+``learned_embeds.safetensors``
+    Soft tokens in the layout ``load_textual_inversion`` reads: one entry, the token name (e.g.
+    ``"<fair>"``) mapped to an ``(n_tokens, hidden)`` tensor. diffusers adds the tokens
+    ``<fair>``, ``<fair>_1``, ... ``<fair>_{n-1}`` and expands ``<fair>`` in a prompt to all of them.
+    The adaptor works when ``<fair>`` starts the prompt (``FairFinetunePipeline`` adds it).
+``fair_adaptor.json``
+    :class:`FairAdaptorMetadata`: what the adaptor is for (targets), what it expects of the
+    pipeline (base model, text hidden size, cross-attention size), how it was trained, the bias
+    it measured before and after, and the sha256 of each weight file.
+``README.md``
+    A Hub model card (huggingface_hub ``ModelCard``) following MODEL_CARD.md.
+
+Use :func:`save_fair_adaptor` to write one (the trainer does) and :func:`read_fair_adaptor` to
+read and verify one. Loading into a pipeline lives in ``pipeline.py``; the Hub and the index of
+named adaptors in ``hub.py``; the converter of the original release's files in ``convert.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from .targets import TargetDistribution
+
+FORMAT_VERSION = 1
+METADATA_NAME = "fair_adaptor.json"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SOFT_TOKENS_NAME = "learned_embeds.safetensors"
+CARD_NAME = "README.md"
+DEFAULT_SOFT_TOKEN = "<fair>"
+
+KINDS = ("lora", "soft_tokens", "lora+soft_tokens")
+LORA_COMPONENTS = ("text_encoder", "unet")
+
+# Base model ids. The toy model ships inside the package and has no Hub id of its own.
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TOY_BASE_MODEL = "diffusers-fair/toy"
+BASE_MODEL_ALIASES = {"runwayml/stable-diffusion-v1-5": SD15}
+
+_TOKEN_PATTERN = re.compile(r"^\S+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# --------------------------------------------------------------------------- small helpers
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def looks_like_repo_id(text: str) -> bool:
+    """``"owner/name"`` with the characters the Hub allows."""
+    return bool(_REPO_ID.match(text))
+
+
+def canonical_base_model(name: str) -> str:
+    """The current Hub id of a base model (``runwayml/stable-diffusion-v1-5`` moved)."""
+    return BASE_MODEL_ALIASES.get(name, name)
+
+
+def base_model_id(pipe) -> str | None:
+    """The base model id of a loaded pipeline, or ``None`` where it cannot be told.
+
+    A pipeline loaded from a Hub id knows it (``pipe.name_or_path``); the shipped toy model is
+    recognised by its folder; a pipeline built in memory or loaded from another local folder
+    cannot be identified, and base-model checks are skipped for it.
+    """
+    from . import toy
+
+    name = getattr(pipe, "name_or_path", None)
+    if not name:
+        return None
+    path = Path(name)
+    if path.is_dir():
+        return TOY_BASE_MODEL if path.resolve() == toy.MODEL_DIR.resolve() else None
+    return canonical_base_model(name) if looks_like_repo_id(name) else None
+
+
+def target_to_dict(target: TargetDistribution) -> dict:
+    """A target distribution as plain JSON data: ``{"classes": {...}, "probs": [...], "text": ...}``.
+
+    ``probs`` lists the cell probabilities row-major (the last attribute varies fastest).
+    ``text`` is the readable form; :func:`target_from_dict` ignores it.
+    """
+    return {
+        "classes": {attr: list(names) for attr, names in target.classes.items()},
+        "probs": [float(p) for p in target.probs],
+        "text": str(target),
+    }
+
+
+def target_from_dict(data: Mapping) -> TargetDistribution:
+    """Inverse of :func:`target_to_dict`; raises ``ValueError`` on malformed data."""
+    if not isinstance(data, Mapping) or "classes" not in data or "probs" not in data:
+        raise ValueError(f"a target must be a dict with 'classes' and 'probs', got {data!r}")
+    classes = data["classes"]
+    if not isinstance(classes, Mapping) or not classes:
+        raise ValueError(f"target 'classes' must be a non-empty dict, got {classes!r}")
+    shape = tuple(len(names) for names in classes.values())
+    probs = torch.tensor([float(p) for p in data["probs"]], dtype=torch.float64)
+    if probs.numel() != math.prod(shape):
+        raise ValueError(f"target has {probs.numel()} probabilities for {math.prod(shape)} cells")
+    return TargetDistribution.joint(classes, probs.reshape(shape))
+
+
+def _check_json(value, what: str):
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what} must be plain JSON data (str, number, bool, list, dict): {error}") from None
+    return value
+
+
+# --------------------------------------------------------------------------- metadata
+@dataclass
+class FairAdaptorMetadata:
+    """The contents of ``fair_adaptor.json``.
+
+    Fill the descriptive fields; :func:`save_fair_adaptor` fills the ones marked *(written on
+    save)* from the weights it writes. :meth:`for_pipeline` fills the base model and shapes from a
+    pipeline.
+
+    Attributes:
+        name: short name of the adaptor, e.g. ``"gender-race"``.
+        base_model: Hub id of the pipeline it was trained on (``TOY_BASE_MODEL`` for the toy model).
+        text_hidden_size: hidden size of the text encoder it expects (768 for SD 1.5).
+        cross_attention_dim: cross-attention size of the U-Net it expects (768 for SD 1.5).
+        base_revision: Hub revision (commit sha) of the base model, when known.
+        description: one paragraph for people: what it debiases and how.
+        targets: target distributions, as plain dicts (:func:`target_to_dict`);
+            ``TargetDistribution`` objects given here are converted.
+        training: summary of the training settings (plain JSON data: steps, lr, rank, prompts...).
+        metrics_before: bias and quality metrics of the base model, e.g. ``{"bias_gender": 0.67}``.
+        metrics_after: the same metrics with the adaptor.
+        eval_prompts: what the metrics were measured on, e.g. ``"50 held-out occupations, 60 images each"``.
+        license: license of the weights, a Hub license id (adaptors of SD 1.5 fall under its
+            ``creativeml-openrail-m``); empty for none stated.
+        format_version: version of this file format *(written on save)*.
+        kind: ``"lora"``, ``"soft_tokens"`` or ``"lora+soft_tokens"`` *(written on save)*.
+        soft_token: the token to start a prompt with, e.g. ``"<fair>"`` *(written on save)*.
+        token_names: every vocabulary entry the soft tokens add *(written on save)*.
+        lora: per component (``text_encoder`` / ``unet``): rank, alpha, target modules, number of
+            adapted layers *(written on save)*.
+        files: weight file name -> sha256 *(written on save)*.
+        library_versions: package versions that wrote it *(written on save)*.
+    """
+
+    name: str
+    base_model: str
+    text_hidden_size: int
+    cross_attention_dim: int
+    base_revision: str | None = None
+    description: str = ""
+    targets: list = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+    metrics_before: dict = field(default_factory=dict)
+    metrics_after: dict = field(default_factory=dict)
+    eval_prompts: str = ""
+    license: str = ""
+    format_version: int = FORMAT_VERSION
+    kind: str | None = None
+    soft_token: str | None = None
+    token_names: list = field(default_factory=list)
+    lora: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    library_versions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("metadata name must be a non-empty string")
+        if not isinstance(self.base_model, str) or not self.base_model.strip():
+            raise ValueError("metadata base_model must be a non-empty string (a Hub id)")
+        for what in ("text_hidden_size", "cross_attention_dim"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"metadata {what} must be a positive integer, got {value!r}")
+        if not isinstance(self.format_version, int) or self.format_version < 1:
+            raise ValueError(f"format_version must be a positive integer, got {self.format_version!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"this adaptor uses format version {self.format_version}; this diffusers-fair reads up to "
+                f"version {FORMAT_VERSION}: upgrade diffusers-fair"
+            )
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        self.targets = [
+            target_to_dict(t) if isinstance(t, TargetDistribution) else target_to_dict(target_from_dict(t))
+            for t in self.targets
+        ]
+        for what in ("metrics_before", "metrics_after"):
+            metrics = getattr(self, what)
+            if not isinstance(metrics, Mapping):
+                raise ValueError(f"{what} must be a dict of metric name -> number")
+            for key, value in metrics.items():
+                if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{what}[{key!r}] must map a name to a number, got {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"{what}[{key!r}] is not finite: {value!r}")
+        _check_json(self.training, "training")
+        _check_json(self.lora, "lora")
+        if not isinstance(self.files, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in self.files.items()
+        ):
+            raise ValueError("files must map file names to hex sha256 digests")
+        if not isinstance(self.token_names, list) or not all(isinstance(t, str) for t in self.token_names):
+            raise ValueError("token_names must be a list of strings")
+
+    @classmethod
+    def for_pipeline(cls, pipe, *, name: str, base_model: str | None = None, **kwargs) -> FairAdaptorMetadata:
+        """Metadata whose base model and shapes are read from ``pipe``.
+
+        ``base_model`` defaults to :func:`base_model_id`; a pipeline built in memory or loaded
+        from a local copy cannot be identified, so pass ``base_model`` for it.
+        """
+        base = base_model or base_model_id(pipe)
+        if base is None:
+            raise ValueError(
+                "cannot tell the base model of this pipeline (built in memory or loaded from a local "
+                "folder); pass base_model= with its Hub id"
+            )
+        return cls(
+            name=name,
+            base_model=canonical_base_model(base),
+            text_hidden_size=int(pipe.text_encoder.config.hidden_size),
+            cross_attention_dim=int(pipe.unet.config.cross_attention_dim),
+            **kwargs,
+        )
+
+    def target_distributions(self) -> list[TargetDistribution]:
+        """The targets as :class:`TargetDistribution` objects."""
+        return [target_from_dict(t) for t in self.targets]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> FairAdaptorMetadata:
+        """Build from parsed JSON; unknown or missing fields raise ``ValueError``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{METADATA_NAME} must hold a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            version = data.get("format_version")
+            hint = " (written by a newer diffusers-fair?)" if isinstance(version, int) and version > FORMAT_VERSION else ""
+            raise ValueError(f"{METADATA_NAME} has unknown fields {unknown}{hint}")
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise ValueError(f"{METADATA_NAME} is incomplete: {error}") from None
+
+
+# --------------------------------------------------------------------------- LoRA state dicts
+def _lora_state_and_config(lora, config, component: str) -> tuple[dict, dict]:
+    """Normalise a LoRA given as a peft-wrapped module or as a state dict + config.
+
+    Returns ``(state_dict, config_dict)``: keys are module paths ending in ``lora_A.weight`` /
+    ``lora_B.weight`` without any component prefix (text-encoder keys start with
+    ``text_model.``), tensors are detached CPU copies, and the config is ``LoraConfig.to_dict()``.
+    """
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    if isinstance(lora, torch.nn.Module):
+        if config is not None:
+            raise ValueError(f"{component}_lora_config is read from the module; pass it only with a state dict")
+        peft_config = getattr(lora, "peft_config", None)
+        if not peft_config:
+            raise ValueError(f"the {component} module has no peft LoRA adapter")
+        if len(peft_config) != 1:
+            raise ValueError(
+                f"the {component} module has several adapters {sorted(peft_config)}; pass the state dict "
+                f"of one (peft.get_peft_model_state_dict) and its LoraConfig"
+            )
+        adapter, config = next(iter(peft_config.items()))
+        state = get_peft_model_state_dict(lora, adapter_name=adapter)
+    elif isinstance(lora, Mapping):
+        if config is None:
+            raise ValueError(f"a {component} LoRA state dict needs its LoraConfig ({component}_lora_config=)")
+        state = dict(lora)
+    else:
+        raise ValueError(f"{component}_lora must be a peft-wrapped module or a state dict, got {type(lora).__name__}")
+
+    if isinstance(config, Mapping):
+        try:
+            config = LoraConfig(**config)
+        except TypeError as error:
+            raise ValueError(f"{component} LoRA config is not a valid LoraConfig: {error}") from None
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{component} LoRA config must be a peft LoraConfig, got {type(config).__name__}")
+    if getattr(config, "use_dora", False):
+        raise ValueError(f"{component}: DoRA adapters are not supported")
+    if not state:
+        raise ValueError(f"the {component} LoRA state dict is empty")
+
+    clean = {}
+    for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{component} LoRA entry {key!r} is not a tensor")
+        for prefix in ("base_model.model.", f"{component}."):
+            key = key.removeprefix(prefix)
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(
+                f"{component} LoRA key {key!r} is not a peft LoRA weight (expected '<module>.lora_A.weight' or "
+                f"'<module>.lora_B.weight'; use peft.get_peft_model_state_dict, not model.state_dict())"
+            )
+        if component == "text_encoder" and not key.startswith("text_model."):
+            key = "text_model." + key
+        clean[key] = tensor.detach().to("cpu").contiguous().clone()
+
+    modules = sorted({key.rsplit(".", 2)[0] for key in clean})
+    for module in modules:
+        a, b = clean.get(f"{module}.lora_A.weight"), clean.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"{component} LoRA layer {module!r} lacks its lora_A or lora_B weight")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{component} LoRA layer {module!r} has inconsistent shapes {tuple(a.shape)}, {tuple(b.shape)}")
+        if not config.rank_pattern and a.shape[0] != config.r:
+            raise ValueError(f"{component} LoRA layer {module!r} has rank {a.shape[0]}, its config says r={config.r}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{component} LoRA layer {module!r} has NaN or infinite weights")
+    return clean, config.to_dict()
+
+
+def _lora_summary(state: dict, config: dict) -> dict:
+    modules = sorted({key.rsplit(".", 2)[0] for key in state})
+    targets = config.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+    return {
+        "rank": int(config["r"]),
+        "alpha": float(config["lora_alpha"]),
+        "target_modules": targets,
+        "num_layers": len(modules),
+    }
+
+
+def _check_lora_shapes(component: str, state: dict, expected: int, what: str) -> None:
+    """Text-encoder q/k/v inputs have the hidden size; U-Net cross-attention k/v inputs the context size."""
+    if component == "text_encoder":
+        pattern = re.compile(r"self_attn\.(q|k|v)_proj\.lora_A\.weight$")
+    else:
+        pattern = re.compile(r"attn2\.to_(k|v)\.lora_A\.weight$")
+    for key, tensor in state.items():
+        if pattern.search(key) and tensor.shape[1] != expected:
+            raise ValueError(f"{component} LoRA {key!r} takes inputs of size {tensor.shape[1]}, metadata says {what}={expected}")
+
+
+# --------------------------------------------------------------------------- saving
+def save_fair_adaptor(
+    folder: str | Path,
+    *,
+    metadata: FairAdaptorMetadata,
+    text_encoder_lora=None,
+    unet_lora=None,
+    text_encoder_lora_config=None,
+    unet_lora_config=None,
+    soft_tokens: torch.Tensor | None = None,
+    soft_token: str = DEFAULT_SOFT_TOKEN,
+    overwrite: bool = False,
+) -> FairAdaptorMetadata:
+    """Write a fair adaptor folder; returns the completed metadata (as written to ``fair_adaptor.json``).
+
+    Args:
+        folder: where to write (created if missing).
+        metadata: the descriptive fields; ``kind``, ``soft_token``, ``token_names``, ``lora``,
+            ``files`` and ``library_versions`` are filled here.
+        text_encoder_lora: the text encoder with its peft LoRA adapter attached (exactly one
+            adapter), or a peft state dict (``peft.get_peft_model_state_dict``) together with
+            ``text_encoder_lora_config``. The trainer passes its EMA weights as a state dict.
+        unet_lora: the same for the U-Net.
+        text_encoder_lora_config, unet_lora_config: ``peft.LoraConfig`` (or its dict) of a state
+            dict given above; it is stored in the safetensors header as diffusers does.
+        soft_tokens: ``(n_tokens, hidden)`` learned token embeddings, or ``None``.
+        soft_token: the token name the embeddings are stored under; diffusers adds ``soft_token``,
+            ``soft_token_1``, ... to the vocabulary. Must not contain spaces.
+        overwrite: replace an adaptor already in ``folder`` (its weight files are removed first).
+    """
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    if not isinstance(metadata, FairAdaptorMetadata):
+        raise ValueError(f"metadata must be a FairAdaptorMetadata, got {type(metadata).__name__}")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
+    written = [folder / name for name in (METADATA_NAME, LORA_WEIGHT_NAME, SOFT_TOKENS_NAME, CARD_NAME)]
+    if any(path.exists() for path in written) and not overwrite:
+        raise ValueError(f"{folder} already holds an adaptor; pass overwrite=True to replace it")
+
+    loras = {}
+    if text_encoder_lora is not None:
+        loras["text_encoder"] = _lora_state_and_config(text_encoder_lora, text_encoder_lora_config, "text_encoder")
+        _check_lora_shapes("text_encoder", loras["text_encoder"][0], metadata.text_hidden_size, "text_hidden_size")
+    elif text_encoder_lora_config is not None:
+        raise ValueError("text_encoder_lora_config given without text_encoder_lora")
+    if unet_lora is not None:
+        loras["unet"] = _lora_state_and_config(unet_lora, unet_lora_config, "unet")
+        _check_lora_shapes("unet", loras["unet"][0], metadata.cross_attention_dim, "cross_attention_dim")
+    elif unet_lora_config is not None:
+        raise ValueError("unet_lora_config given without unet_lora")
+
+    if soft_tokens is not None:
+        if not isinstance(soft_tokens, torch.Tensor) or soft_tokens.dim() != 2 or soft_tokens.shape[0] < 1:
+            raise ValueError("soft_tokens must be a (n_tokens, hidden) tensor with n_tokens >= 1")
+        if not soft_tokens.is_floating_point() or not torch.isfinite(soft_tokens).all():
+            raise ValueError("soft_tokens must be finite floating-point values")
+        if soft_tokens.shape[1] != metadata.text_hidden_size:
+            raise ValueError(
+                f"soft_tokens have size {soft_tokens.shape[1]}, metadata says text_hidden_size={metadata.text_hidden_size}"
+            )
+        if not isinstance(soft_token, str) or not _TOKEN_PATTERN.match(soft_token):
+            raise ValueError(f"soft_token must be a non-empty string without spaces, got {soft_token!r}")
+
+    if not loras and soft_tokens is None:
+        raise ValueError("nothing to save: give text_encoder_lora, unet_lora and/or soft_tokens")
+    kind = "+".join(part for part, present in (("lora", bool(loras)), ("soft_tokens", soft_tokens is not None)) if present)
+    if metadata.kind is not None and metadata.kind != kind:
+        raise ValueError(f"metadata.kind is {metadata.kind!r} but the weights given make a {kind!r} adaptor")
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in written:
+        path.unlink(missing_ok=True)
+
+    files, token_names = {}, []
+    if loras:
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            text_encoder_lora_layers=loras.get("text_encoder", (None, None))[0],
+            unet_lora_layers=loras.get("unet", (None, None))[0],
+            text_encoder_lora_adapter_metadata=loras.get("text_encoder", (None, None))[1],
+            unet_lora_adapter_metadata=loras.get("unet", (None, None))[1],
+            weight_name=LORA_WEIGHT_NAME,
+        )
+        files[LORA_WEIGHT_NAME] = sha256_file(folder / LORA_WEIGHT_NAME)
+    if soft_tokens is not None:
+        save_file({soft_token: soft_tokens.detach().to("cpu").contiguous().clone()}, str(folder / SOFT_TOKENS_NAME))
+        files[SOFT_TOKENS_NAME] = sha256_file(folder / SOFT_TOKENS_NAME)
+        token_names = [soft_token] + [f"{soft_token}_{i}" for i in range(1, soft_tokens.shape[0])]
+
+    complete = replace(
+        metadata,
+        format_version=FORMAT_VERSION,
+        kind=kind,
+        soft_token=soft_token if soft_tokens is not None else None,
+        token_names=token_names,
+        lora={component: _lora_summary(*loras[component]) for component in loras},
+        files=files,
+        library_versions=_library_versions(),
+    )
+    from .hub import build_model_card
+
+    build_model_card(complete).save(folder / CARD_NAME)
+    (folder / METADATA_NAME).write_text(complete.to_json(), encoding="utf-8")
+    return complete
+
+
+def _library_versions() -> dict:
+    import diffusers
+    import peft
+
+    from . import __version__
+
+    return {"diffusers_fair": __version__, "diffusers": diffusers.__version__, "peft": peft.__version__}
+
+
+# --------------------------------------------------------------------------- reading
+@dataclass
+class FairAdaptor:
+    """A fair adaptor folder whose metadata has been read (and its files verified).
+
+    Attributes:
+        folder: the folder holding the files.
+        metadata: its ``fair_adaptor.json``.
+        source: where it came from, for messages (a path, an index name or ``repo@revision``).
+    """
+
+    folder: Path
+    metadata: FairAdaptorMetadata
+    source: str = ""
+
+    @property
+    def has_lora(self) -> bool:
+        return LORA_WEIGHT_NAME in self.metadata.files
+
+    @property
+    def has_soft_tokens(self) -> bool:
+        return SOFT_TOKENS_NAME in self.metadata.files
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights as diffusers stores them (``text_encoder.`` / ``unet.`` keys)."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.folder / LORA_WEIGHT_NAME))
+
+    def soft_tokens(self) -> tuple[str, torch.Tensor]:
+        """``(token name, (n_tokens, hidden) embeddings)``."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.folder / SOFT_TOKENS_NAME))
+        if len(state) != 1:
+            raise ValueError(f"{self.source}: {SOFT_TOKENS_NAME} must hold exactly one entry, found {sorted(state)}")
+        token, embeddings = next(iter(state.items()))
+        if embeddings.dim() == 1:
+            embeddings = embeddings[None]
+        return token, embeddings
+
+
+def read_fair_adaptor(folder: str | Path, *, verify: bool = True, source: str | None = None) -> FairAdaptor:
+    """Read ``fair_adaptor.json`` from ``folder`` and check the folder against it.
+
+    Checks that every weight file listed exists and, with ``verify`` (the default), that its
+    sha256 matches; that the kind matches the files. Raises ``ValueError`` naming the problem.
+    """
+    folder = Path(folder)
+    source = source or str(folder)
+    meta_path = folder / METADATA_NAME
+    if not folder.is_dir():
+        raise ValueError(f"{source}: no such adaptor folder")
+    if not meta_path.is_file():
+        raise ValueError(f"{source}: no {METADATA_NAME}, so this is not a fair adaptor folder")
+    try:
+        data = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{source}: {METADATA_NAME} is not valid JSON: {error}") from None
+    try:
+        metadata = FairAdaptorMetadata.from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+    expected = {"lora": {LORA_WEIGHT_NAME}, "soft_tokens": {SOFT_TOKENS_NAME}, "lora+soft_tokens": {LORA_WEIGHT_NAME, SOFT_TOKENS_NAME}}
+    if metadata.kind is None or set(metadata.files) != expected[metadata.kind]:
+        raise ValueError(f"{source}: kind {metadata.kind!r} does not match the files listed {sorted(metadata.files)}")
+    for name, digest in metadata.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{source}: {name} is listed in {METADATA_NAME} but missing")
+        if verify and sha256_file(path) != digest:
+            raise ValueError(f"{source}: {name} does not match the sha256 in {METADATA_NAME} (corrupt or modified file)")
+    return FairAdaptor(folder=folder, metadata=metadata, source=source)

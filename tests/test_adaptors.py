@@ -1,0 +1,369 @@
+"""The fair adaptor file format: LoRA safetensors, soft tokens, fair_adaptor.json, the model card.
+
+The module-level helpers (a tiny random-weight Stable Diffusion pipeline, random LoRA weights,
+reference outputs computed with forward hooks) are shared with the other adaptor test files.
+"""
+
+import copy
+import hashlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from huggingface_hub import ModelCard
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers_fair.adaptors import (
+    CARD_NAME,
+    FORMAT_VERSION,
+    LORA_WEIGHT_NAME,
+    METADATA_NAME,
+    SOFT_TOKENS_NAME,
+    TOY_BASE_MODEL,
+    FairAdaptorMetadata,
+    base_model_id,
+    read_fair_adaptor,
+    save_fair_adaptor,
+    target_from_dict,
+    target_to_dict,
+)
+from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.toy.architecture import (
+    make_sampler,
+    make_text_encoder,
+    make_unet,
+    make_vae,
+)
+from diffusers_fair.toy.tokenizer import build_tokenizer
+
+WORDS = ["a", "photo", "of", "the", "face", "doctor", "nurse", "person", "smiling"]
+PROMPT = "a photo of the face of a doctor"
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RANK = 4
+
+
+# --------------------------------------------------------------------------- shared helpers
+def tiny_pipeline(seed: int = 0, cls=StableDiffusionPipeline):
+    """The toy architecture with random weights drawn from ``seed`` (same seed, same weights)."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(WORDS)
+    pipe = cls(
+        vae=make_vae(),
+        text_encoder=make_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=make_unet(),
+        scheduler=make_sampler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt=PROMPT, seed: int = 1, **kwargs) -> np.ndarray:
+    """Three DPM-Solver steps at 32x32 from a fixed seed, as a float array."""
+    kwargs.setdefault("num_inference_steps", 3)
+    return pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+
+
+def text_states(pipe, prompt=PROMPT) -> torch.Tensor:
+    """The text encoder's last hidden states for ``prompt`` (what the U-Net is conditioned on)."""
+    ids = pipe.tokenizer(
+        pipe.maybe_convert_prompt(prompt, pipe.tokenizer),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def random_lora(model: torch.nn.Module, targets, seed: int, rank: int = RANK, scale: float = 0.2):
+    """A peft LoRA state dict (nonzero A and B) for every linear layer of ``model`` named by ``targets``."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in targets):
+            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * scale
+            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * scale
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
+    return state, config
+
+
+class LoraHooks:
+    """Adds ``weight * B @ A @ x`` to each adapted layer's output by forward hooks (the reference)."""
+
+    def __init__(self, model, *weighted_states):
+        self.handles = []
+        for weight, state in weighted_states:
+            for key in [k for k in state if k.endswith(".lora_A.weight")]:
+                module = model.get_submodule(key.removesuffix(".lora_A.weight"))
+                a, b = state[key], state[key.replace("lora_A", "lora_B")]
+                self.handles.append(module.register_forward_hook(self._hook(a, b, weight)))
+
+    @staticmethod
+    def _hook(a, b, weight):
+        return lambda module, inputs, output: output + weight * (inputs[0] @ a.T @ b.T)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def make_metadata(name: str = "test-gender", **kwargs) -> FairAdaptorMetadata:
+    fields = {
+        "name": name,
+        "base_model": TOY_BASE_MODEL,
+        "text_hidden_size": 64,
+        "cross_attention_dim": 64,
+        "description": "A test adaptor.",
+        "targets": [TargetDistribution.uniform("gender", ["male", "female"])],
+        "training": {"steps": 10, "lr": 5e-5},
+        "metrics_before": {"bias_gender": 0.6},
+        "metrics_after": {"bias_gender": 0.125},
+        "eval_prompts": "toy held-out occupations",
+    }
+    fields.update(kwargs)
+    return FairAdaptorMetadata(**fields)
+
+
+def save_random_adaptor(folder, pipe, *, seed=0, text_encoder=True, unet=False, soft_tokens=0, soft_token="<fair>", name="test-gender", **meta):
+    """Save an adaptor with random weights shaped for ``pipe``; returns (metadata, te_state, unet_state, tokens)."""
+    te_state = unet_state = tokens = None
+    kwargs = {}
+    if text_encoder:
+        te_state, config = random_lora(pipe.text_encoder, TE_TARGETS, seed)
+        kwargs.update(text_encoder_lora=te_state, text_encoder_lora_config=config)
+    if unet:
+        unet_state, config = random_lora(pipe.unet, UNET_TARGETS, seed + 1000)
+        kwargs.update(unet_lora=unet_state, unet_lora_config=config)
+    if soft_tokens:
+        tokens = torch.randn(soft_tokens, 64, generator=torch.Generator().manual_seed(seed + 2000))
+        kwargs.update(soft_tokens=tokens, soft_token=soft_token)
+    metadata = save_fair_adaptor(folder, metadata=make_metadata(name, **meta), **kwargs)
+    return metadata, te_state, unet_state, tokens
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(0)
+
+
+# --------------------------------------------------------------------------- the LoRA file
+def test_lora_file_has_diffusers_keys_and_lora_config_header(pipe, tmp_path):
+    metadata, te_state, unet_state, _ = save_random_adaptor(tmp_path, pipe, unet=True)
+    assert metadata.kind == "lora"
+    saved = load_file(str(tmp_path / LORA_WEIGHT_NAME))
+    expected = {f"text_encoder.text_model.{k}" for k in te_state} | {f"unet.{k}" for k in unet_state}
+    assert set(saved) == expected
+    for key, value in te_state.items():
+        assert torch.equal(saved[f"text_encoder.text_model.{key}"], value)
+
+    with safe_open(str(tmp_path / LORA_WEIGHT_NAME), "pt") as handle:
+        header = handle.metadata()
+    assert header["format"] == "pt"
+    lora_config = json.loads(header["lora_adapter_metadata"])
+    assert lora_config["text_encoder.r"] == RANK and lora_config["unet.r"] == RANK
+    assert lora_config["text_encoder.lora_alpha"] == RANK
+    assert sorted(lora_config["text_encoder.target_modules"]) == sorted(TE_TARGETS)
+    assert sorted(lora_config["unet.target_modules"]) == sorted(UNET_TARGETS)
+    # The header is what diffusers itself writes for the same configs.
+    reference = tmp_path / "reference"
+    StableDiffusionPipeline.save_lora_weights(
+        reference,
+        text_encoder_lora_layers={f"text_model.{k}": v for k, v in te_state.items()},
+        unet_lora_layers=unet_state,
+        text_encoder_lora_adapter_metadata=random_lora(pipe.text_encoder, TE_TARGETS, 0)[1].to_dict(),
+        unet_lora_adapter_metadata=random_lora(pipe.unet, UNET_TARGETS, 0)[1].to_dict(),
+    )
+    with safe_open(str(reference / LORA_WEIGHT_NAME), "pt") as handle:
+        assert json.loads(handle.metadata()["lora_adapter_metadata"]) == lora_config
+    assert metadata.lora["text_encoder"] == {"rank": RANK, "alpha": float(RANK), "target_modules": sorted(TE_TARGETS), "num_layers": 12}
+    assert metadata.lora["unet"]["num_layers"] == 4 * 2 * 7  # attn1 + attn2 in 7 transformer blocks
+
+
+def test_lora_from_peft_wrapped_module_equals_its_state_dict(pipe, tmp_path):
+    text_encoder = copy.deepcopy(pipe.text_encoder)
+    text_encoder.add_adapter(LoraConfig(r=RANK, lora_alpha=8, target_modules=TE_TARGETS, init_lora_weights=False))
+    metadata = save_fair_adaptor(tmp_path, metadata=make_metadata(), text_encoder_lora=text_encoder)
+    saved = load_file(str(tmp_path / LORA_WEIGHT_NAME))
+    state = get_peft_model_state_dict(text_encoder)
+    assert len(saved) == len(state) == 24
+    for key, value in state.items():
+        assert torch.equal(saved["text_encoder.text_model." + key.removeprefix("text_model.")], value)
+    assert metadata.lora["text_encoder"]["alpha"] == 8.0
+
+
+# --------------------------------------------------------------------------- soft tokens
+def test_soft_tokens_file_is_textual_inversion_layout(pipe, tmp_path):
+    metadata, _, _, tokens = save_random_adaptor(tmp_path, pipe, text_encoder=False, soft_tokens=5, soft_token="<fair-g>")
+    assert metadata.kind == "soft_tokens"
+    assert metadata.soft_token == "<fair-g>"
+    assert metadata.token_names == ["<fair-g>", "<fair-g>_1", "<fair-g>_2", "<fair-g>_3", "<fair-g>_4"]
+    saved = load_file(str(tmp_path / SOFT_TOKENS_NAME))
+    assert list(saved) == ["<fair-g>"]
+    assert torch.equal(saved["<fair-g>"], tokens)
+    assert not (tmp_path / LORA_WEIGHT_NAME).exists()
+
+
+def test_lora_and_soft_tokens_together(pipe, tmp_path):
+    metadata, *_ = save_random_adaptor(tmp_path, pipe, unet=True, soft_tokens=2)
+    assert metadata.kind == "lora+soft_tokens"
+    assert set(metadata.files) == {LORA_WEIGHT_NAME, SOFT_TOKENS_NAME}
+
+
+# --------------------------------------------------------------------------- metadata
+def test_metadata_round_trips_and_hashes_the_weights(pipe, tmp_path):
+    written, *_ = save_random_adaptor(tmp_path, pipe, unet=True, soft_tokens=3)
+    adaptor = read_fair_adaptor(tmp_path)
+    assert adaptor.metadata == written
+    assert adaptor.metadata.format_version == FORMAT_VERSION
+    on_disk = json.loads((tmp_path / METADATA_NAME).read_text())
+    assert on_disk["base_model"] == TOY_BASE_MODEL and on_disk["text_hidden_size"] == 64
+    for name, digest in on_disk["files"].items():
+        assert digest == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+    assert written.target_distributions() == [TargetDistribution.uniform("gender", ["male", "female"])]
+    assert set(written.library_versions) == {"diffusers_fair", "diffusers", "peft"}
+
+
+def test_joint_target_dict_round_trip():
+    joint = TargetDistribution.joint({"gender": ["male", "female"], "age": ["young", "old"]}, [[0.4, 0.1], [0.3, 0.2]])
+    data = target_to_dict(joint)
+    assert json.loads(json.dumps(data)) == data
+    assert data["probs"] == [0.4, 0.1, 0.3, 0.2]
+    assert target_from_dict(data) == joint
+    with pytest.raises(ValueError, match="probabilities"):
+        target_from_dict({"classes": {"gender": ["male", "female"]}, "probs": [0.5, 0.3, 0.2]})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"text_hidden_size": 0}, "text_hidden_size"),
+        ({"cross_attention_dim": 7.5}, "cross_attention_dim"),
+        ({"metrics_after": {"bias": float("nan")}}, "not finite"),
+        ({"metrics_before": {"bias": "low"}}, "number"),
+        ({"training": {"optimizer": object()}}, "JSON"),
+        ({"format_version": FORMAT_VERSION + 1}, "upgrade"),
+        ({"kind": "full-finetune"}, "kind"),
+        ({"base_model": ""}, "base_model"),
+    ],
+)
+def test_metadata_rejects_bad_fields(change, message):
+    with pytest.raises(ValueError, match=message):
+        make_metadata(**change)
+
+
+def test_metadata_for_pipeline_needs_an_identifiable_base(pipe):
+    with pytest.raises(ValueError, match="base_model"):
+        FairAdaptorMetadata.for_pipeline(pipe, name="x")
+    meta = FairAdaptorMetadata.for_pipeline(pipe, name="x", base_model="runwayml/stable-diffusion-v1-5")
+    assert meta.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (meta.text_hidden_size, meta.cross_attention_dim) == (64, 64)
+
+
+def test_base_model_id_of_pipelines(tmp_path, monkeypatch):
+    from diffusers_fair import toy
+
+    monkeypatch.setattr(toy, "MODEL_DIR", tmp_path / "toy-model")
+    (tmp_path / "toy-model").mkdir()
+    (tmp_path / "copy").mkdir()
+
+    def named(name):
+        return SimpleNamespace(name_or_path=name)
+
+    assert base_model_id(named(str(tmp_path / "toy-model"))) == TOY_BASE_MODEL
+    assert base_model_id(named("runwayml/stable-diffusion-v1-5")) == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert base_model_id(named(str(tmp_path / "copy"))) is None  # a local copy: unknown
+    assert base_model_id(named(str(tmp_path / "deleted"))) is None  # neither a folder nor a repo id
+    assert base_model_id(named(None)) is None  # built in memory
+
+
+# --------------------------------------------------------------------------- model card
+def test_model_card_has_base_model_and_eval_results(pipe, tmp_path):
+    save_random_adaptor(tmp_path, pipe, soft_tokens=2, metrics_after={"bias_gender": 0.125, "clip_t": 0.3})
+    card = ModelCard.load(tmp_path / CARD_NAME)
+    assert card.data.base_model == TOY_BASE_MODEL
+    assert card.data.library_name == "diffusers"
+    assert {"fairness", "diffusers-fair", "gender", "lora-soft_tokens"} <= set(card.data.tags)
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"bias_gender": 0.125, "clip_t": 0.3}
+    for section in ("## Intended use", "## Out-of-scope use", "## Attributes and their limits", "## Evaluation", "## Training"):
+        assert section in card.text
+    assert "gender: male=0.5, female=0.5" in card.text
+    assert "| bias_gender | 0.600 | 0.125 |" in card.text
+    digest = json.loads((tmp_path / METADATA_NAME).read_text())["files"][LORA_WEIGHT_NAME]
+    assert digest in card.text
+
+
+# --------------------------------------------------------------------------- validation
+def test_read_detects_tampering_and_bad_metadata(pipe, tmp_path):
+    save_random_adaptor(tmp_path, pipe)
+    assert read_fair_adaptor(tmp_path).has_lora
+    weights = tmp_path / LORA_WEIGHT_NAME
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        read_fair_adaptor(tmp_path)
+    read_fair_adaptor(tmp_path, verify=False)  # the check can be skipped explicitly
+    weights.unlink()
+    with pytest.raises(ValueError, match="missing"):
+        read_fair_adaptor(tmp_path)
+
+    meta_path = tmp_path / METADATA_NAME
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "colour": "blue"}))
+    with pytest.raises(ValueError, match="unknown fields"):
+        read_fair_adaptor(tmp_path)
+    meta_path.write_text(json.dumps({**meta, "kind": "soft_tokens"}))
+    with pytest.raises(ValueError, match="does not match the files"):
+        read_fair_adaptor(tmp_path)
+    meta_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_fair_adaptor(tmp_path)
+    meta_path.unlink()
+    with pytest.raises(ValueError, match="not a fair adaptor"):
+        read_fair_adaptor(tmp_path)
+
+
+def test_save_rejects_bad_input(pipe, tmp_path):
+    state, config = random_lora(pipe.text_encoder, TE_TARGETS, 0)
+    meta = make_metadata()
+    with pytest.raises(ValueError, match="nothing to save"):
+        save_fair_adaptor(tmp_path / "a", metadata=meta)
+    with pytest.raises(ValueError, match="needs its LoraConfig"):
+        save_fair_adaptor(tmp_path / "b", metadata=meta, text_encoder_lora=state)
+    with pytest.raises(ValueError, match="rank 4, its config says r=8"):
+        save_fair_adaptor(tmp_path / "c", metadata=meta, text_encoder_lora=state, text_encoder_lora_config=LoraConfig(r=8, target_modules=TE_TARGETS))
+    renamed = {k.replace("lora_A.weight", "lora_A.default.weight"): v for k, v in state.items()}
+    with pytest.raises(ValueError, match="get_peft_model_state_dict"):
+        save_fair_adaptor(tmp_path / "d", metadata=meta, text_encoder_lora=renamed, text_encoder_lora_config=config)
+    missing_b = {k: v for k, v in state.items() if "q_proj.lora_B" not in k}
+    with pytest.raises(ValueError, match="lacks its lora_A or lora_B"):
+        save_fair_adaptor(tmp_path / "e", metadata=meta, text_encoder_lora=missing_b, text_encoder_lora_config=config)
+    with pytest.raises(ValueError, match="text_hidden_size"):
+        save_fair_adaptor(tmp_path / "f", metadata=make_metadata(text_hidden_size=32), text_encoder_lora=state, text_encoder_lora_config=config)
+    with pytest.raises(ValueError, match="soft_tokens have size 32"):
+        save_fair_adaptor(tmp_path / "g", metadata=meta, soft_tokens=torch.zeros(5, 32))
+    with pytest.raises(ValueError, match="without spaces"):
+        save_fair_adaptor(tmp_path / "h", metadata=meta, soft_tokens=torch.zeros(5, 64), soft_token="<my token>")
+    with pytest.raises(ValueError, match="make a 'lora' adaptor"):
+        save_fair_adaptor(tmp_path / "i", metadata=make_metadata(kind="soft_tokens"), text_encoder_lora=state, text_encoder_lora_config=config)
+    assert not any((tmp_path / d).exists() for d in "abcdefghi")  # nothing written on a refused save
+
+    save_fair_adaptor(tmp_path / "ok", metadata=meta, soft_tokens=torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="overwrite=True"):
+        save_fair_adaptor(tmp_path / "ok", metadata=meta, text_encoder_lora=state, text_encoder_lora_config=config)
+    rewritten = save_fair_adaptor(tmp_path / "ok", metadata=meta, text_encoder_lora=state, text_encoder_lora_config=config, overwrite=True)
+    assert rewritten.kind == "lora" and not (tmp_path / "ok" / SOFT_TOKENS_NAME).exists()
+    assert read_fair_adaptor(tmp_path / "ok").metadata == rewritten

@@ -1,0 +1,355 @@
+"""Loading fair adaptors into pipelines: FairFinetunePipeline and load_fair_adaptor on stock pipelines.
+
+Reference outputs are computed independently: LoRA effects with forward hooks adding
+``weight * B A x`` to each adapted layer (tests/test_adaptors.py LoraHooks), soft tokens with
+diffusers' own textual-inversion loader and a hand-written prompt.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from test_adaptors import (
+    PROMPT,
+    LoraHooks,
+    generate,
+    make_metadata,
+    random_lora,
+    save_random_adaptor,
+    text_states,
+    tiny_pipeline,
+)
+
+from diffusers_fair import hub
+from diffusers_fair.adaptors import TOY_BASE_MODEL, save_fair_adaptor
+from diffusers_fair.pipeline import (
+    FairFinetunePipeline,
+    add_fair_tokens,
+    fair_adaptors,
+    load_fair_adaptor,
+    unload_fair_adaptor,
+)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    """An untouched tiny pipeline whose layers give the shapes of random adaptors."""
+    return tiny_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def adaptors(tmp_path_factory):
+    """Adaptor folders with random weights for the tiny pipeline: te LoRA (two), te+unet LoRA, soft tokens, both."""
+    root = tmp_path_factory.mktemp("adaptors")
+    shapes = tiny_pipeline(0)
+    out = {}
+    out["a"] = (root / "a", *save_random_adaptor(root / "a", shapes, seed=1, name="lora-a"))
+    out["b"] = (root / "b", *save_random_adaptor(root / "b", shapes, seed=2, name="lora-b"))
+    out["unet"] = (root / "unet", *save_random_adaptor(root / "unet", shapes, seed=3, unet=True, name="lora-unet"))
+    out["soft"] = (root / "soft", *save_random_adaptor(root / "soft", shapes, seed=4, text_encoder=False, soft_tokens=3, name="soft"))
+    out["both"] = (root / "both", *save_random_adaptor(root / "both", shapes, seed=5, soft_tokens=2, soft_token="<both>", name="both"))
+    return out
+
+
+def snapshot(pipe):
+    """What must not change when a load fails: images, text states, adapters, vocabulary."""
+    return {
+        "image": generate(pipe),
+        "text": text_states(pipe),
+        "adapters": pipe.get_list_adapters(),
+        "vocab": len(pipe.tokenizer),
+        "vocab_size": pipe.text_encoder.config.vocab_size,
+        "fair": list(fair_adaptors(pipe)),
+    }
+
+
+def assert_same(before, after):
+    assert np.array_equal(before["image"], after["image"])
+    assert torch.equal(before["text"], after["text"])
+    for key in ("adapters", "vocab", "vocab_size", "fair"):
+        assert before[key] == after[key], key
+
+
+# --------------------------------------------------------------------------- no adaptor
+def test_without_adaptor_fair_pipeline_is_bit_exact_stock():
+    stock = tiny_pipeline(0)
+    fair = FairFinetunePipeline(**stock.components)
+    for kwargs in ({}, {"negative_prompt": "a nurse", "guidance_scale": 5.0}, {"num_images_per_prompt": 2}):
+        assert np.array_equal(generate(stock, **kwargs), generate(fair, **kwargs))
+    prompts = [PROMPT, "a photo of a nurse"]
+    assert np.array_equal(generate(stock, prompts), generate(fair, prompts))
+
+
+def test_from_pretrained_and_from_pipe(tmp_path, adaptors):
+    tiny_pipeline(0).save_pretrained(tmp_path / "model")
+    stock = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    fair = FairFinetunePipeline.from_pretrained(tmp_path / "model")
+    for p in (stock, fair):
+        p.set_progress_bar_config(disable=True)
+    assert isinstance(fair, FairFinetunePipeline)
+    assert np.array_equal(generate(stock), generate(fair))
+
+    # A stock pipeline with soft tokens loaded by the function: from_pipe carries them over and
+    # FairFinetunePipeline then starts prompts with them.
+    load_fair_adaptor(stock, adaptors["soft"][0])
+    by_hand = generate(stock, "<fair> " + PROMPT)
+    converted = FairFinetunePipeline.from_pipe(stock)
+    assert list(converted.fair_adaptors) == ["soft"]
+    assert np.array_equal(generate(converted), by_hand)
+
+
+def test_shipped_toy_model_bit_exact_and_recognised(adaptors, shapes, tmp_path):
+    from diffusers_fair.toy import MODEL_DIR, model_path
+
+    if not (MODEL_DIR / "model_index.json").exists():
+        pytest.skip("the toy model is not built")
+    stock = StableDiffusionPipeline.from_pretrained(model_path())
+    fair = FairFinetunePipeline.from_pretrained(model_path())
+    for p in (stock, fair):
+        p.set_progress_bar_config(disable=True)
+    prompt = "a photo of the face of a nurse, a person"
+    assert np.array_equal(generate(stock, prompt), generate(fair, prompt))
+
+    save_random_adaptor(tmp_path / "for-sd15", shapes, seed=9, name="for-sd15", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    with pytest.raises(ValueError, match="this pipeline is diffusers-fair/toy"):
+        fair.load_fair_adaptor(tmp_path / "for-sd15")
+    fair.load_fair_adaptor(adaptors["a"][0])  # made for diffusers-fair/toy
+    assert not np.array_equal(generate(stock, prompt), generate(fair, prompt))
+
+
+# --------------------------------------------------------------------------- LoRA
+def test_lora_adaptor_equals_stock_load_lora_weights_and_hooks(adaptors):
+    folder, _, te_state, unet_state, _ = adaptors["unet"]
+    stock, fair = tiny_pipeline(0), tiny_pipeline(0, cls=FairFinetunePipeline)
+    base_image = generate(stock)
+    stock.load_lora_weights(folder)  # diffusers alone
+    record = fair.load_fair_adaptor(folder)
+    assert record.adapter_name == "lora-unet" and record.has_lora
+    assert torch.equal(text_states(stock), text_states(fair))
+    image = generate(fair)
+    assert np.array_equal(generate(stock), image)
+    assert not np.allclose(image, base_image, atol=1e-3)
+
+    reference = tiny_pipeline(0)
+    hooks = [LoraHooks(reference.text_encoder, (1.0, te_state)), LoraHooks(reference.unet, (1.0, unet_state))]
+    torch.testing.assert_close(text_states(fair), text_states(reference), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(image, generate(reference), atol=1e-4)
+    for h in hooks:
+        h.remove()
+
+
+def test_two_adaptors_combine_with_weights_and_unload(adaptors):
+    pipe = tiny_pipeline(0)
+    base = snapshot(pipe)
+    folder_a, _, state_a, _, _ = adaptors["a"]
+    folder_b, _, state_b, _, _ = adaptors["b"]
+    load_fair_adaptor(pipe, folder_a, weight=0.5)
+    load_fair_adaptor(pipe, folder_b, weight=-0.75)
+    assert {n: a.weight for n, a in fair_adaptors(pipe).items()} == {"lora-a": 0.5, "lora-b": -0.75}
+    assert sorted(pipe.get_active_adapters()) == ["lora-a", "lora-b"]
+
+    reference = tiny_pipeline(0)
+    hooks = LoraHooks(reference.text_encoder, (0.5, state_a), (-0.75, state_b))
+    torch.testing.assert_close(text_states(pipe), text_states(reference), rtol=1e-5, atol=1e-5)
+    hooks.remove()
+
+    unload_fair_adaptor(pipe, "lora-a")
+    hooks = LoraHooks(reference.text_encoder, (-0.75, state_b))
+    torch.testing.assert_close(text_states(pipe), text_states(reference), rtol=1e-5, atol=1e-5)
+    hooks.remove()
+    with pytest.raises(ValueError, match="no fair adaptor named 'lora-a'"):
+        unload_fair_adaptor(pipe, "lora-a")
+    unload_fair_adaptor(pipe)
+    assert_same(base, snapshot(pipe))  # unfused unload restores the pipeline bit for bit
+    assert "base_layer" not in "".join(pipe.text_encoder.state_dict())  # LoRA wrappers removed too
+
+
+def test_fused_adaptor_matches_unfused(adaptors):
+    folder_a = adaptors["a"][0]
+    folder_unet = adaptors["unet"][0]
+    plain, fused = tiny_pipeline(0), tiny_pipeline(0)
+    base = generate(fused)
+    load_fair_adaptor(plain, folder_a, weight=0.5)
+    load_fair_adaptor(fused, folder_a, weight=0.5, fuse=True)
+    np.testing.assert_allclose(generate(fused), generate(plain), atol=1e-5)
+    # a second adaptor joins the fused set
+    load_fair_adaptor(plain, folder_unet, weight=0.8)
+    load_fair_adaptor(fused, folder_unet, weight=0.8)
+    np.testing.assert_allclose(generate(fused), generate(plain), atol=1e-5)
+    unload_fair_adaptor(fused, "lora-a")
+    unload_fair_adaptor(plain, "lora-a")
+    np.testing.assert_allclose(generate(fused), generate(plain), atol=1e-5)
+    unload_fair_adaptor(fused)
+    np.testing.assert_allclose(generate(fused), base, atol=1e-5)  # restored by subtraction: equal up to rounding
+
+
+# --------------------------------------------------------------------------- soft tokens
+def test_soft_tokens_are_prepended_to_prompts_not_negative_prompts(adaptors):
+    folder = adaptors["soft"][0]
+    stock, fair = tiny_pipeline(0), tiny_pipeline(0, cls=FairFinetunePipeline)
+    base = generate(fair)
+    stock.load_textual_inversion(folder)  # diffusers alone, the token written by hand
+    record = fair.load_fair_adaptor(folder)
+    assert record.soft_token == "<fair>" and record.token_names == ["<fair>", "<fair>_1", "<fair>_2"]
+    image = generate(fair)
+    assert np.array_equal(image, generate(stock, "<fair> " + PROMPT))
+    assert not np.allclose(image, base, atol=1e-3)
+    prompts = [PROMPT, "a photo of a nurse"]
+    assert np.array_equal(generate(fair, prompts), generate(stock, ["<fair> " + p for p in prompts]))
+    assert add_fair_tokens(fair, prompts) == ["<fair> " + p for p in prompts]
+
+    seen = {}
+    original = fair.encode_prompt
+
+    def spy(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None, **kwargs):
+        seen["prompt"], seen["negative"] = prompt, negative_prompt
+        return original(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, **kwargs)
+
+    fair.encode_prompt = spy
+    generate(fair, negative_prompt="a nurse")
+    assert seen == {"prompt": "<fair> " + PROMPT, "negative": "a nurse"}
+    del fair.encode_prompt
+
+    embeds, _ = fair.encode_prompt(fair.add_fair_tokens(PROMPT), "cpu", 1, False)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        fair(prompt_embeds=embeds, num_inference_steps=2)
+    with pytest.raises(ValueError, match="weighted"):
+        load_fair_adaptor(tiny_pipeline(0), folder, weight=0.5)
+
+    fair.unload_fair_adaptor()
+    assert np.array_equal(generate(fair), base)
+    assert fair.text_encoder.config.vocab_size == len(fair.tokenizer)
+
+
+# --------------------------------------------------------------------------- failures leave the pipeline unchanged
+def _corrupt(folder):
+    weights = folder / "pytorch_lora_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("hidden size", "hidden size 32"),
+        ("cross-attention size", "cross-attention size of 32"),
+        ("base model", "trained on stable-diffusion-v1-5"),
+        ("corrupt weights", "sha256"),
+        ("token taken", "already in the tokenizer"),
+        ("name taken", "already loaded"),
+        ("missing layer", "does not have"),
+        ("unpublished", "not published"),
+        ("fails while loading", "injected failure"),
+    ],
+)
+def test_failed_load_leaves_pipeline_unchanged(case, message, adaptors, shapes, tmp_path, monkeypatch):
+    pipe = tiny_pipeline(0, cls=FairFinetunePipeline)
+    load_fair_adaptor(pipe, adaptors["a"][0], weight=0.7)
+    load_fair_adaptor(pipe, adaptors["soft"][0])
+    before = snapshot(pipe)
+
+    target = adaptors["both"][0]
+    kwargs = {}
+    if case in ("hidden size", "cross-attention size"):
+        field = "text_hidden_size" if case == "hidden size" else "cross_attention_dim"
+        meta = make_metadata("other", **{field: 32})
+        target = tmp_path / "other"
+        save_fair_adaptor(target, metadata=meta, soft_tokens=torch.zeros(2, meta.text_hidden_size), soft_token="<other>")
+    elif case == "base model":
+        target = tmp_path / "sd15"
+        save_random_adaptor(target, shapes, seed=9, name="sd15", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+        pipe.register_to_config(_name_or_path=TOY_BASE_MODEL)
+    elif case == "corrupt weights":
+        target = tmp_path / "corrupt"
+        save_random_adaptor(target, shapes, seed=9, name="corrupt")
+        _corrupt(target)
+    elif case == "token taken":
+        target, kwargs = adaptors["soft"][0], {"adapter_name": "soft-again"}
+    elif case == "name taken":
+        kwargs = {"adapter_name": "lora-a"}
+    elif case == "missing layer":
+        # LoRA weights for a third encoder layer; the tiny text encoder has two.
+        state, config = random_lora(shapes.text_encoder, ["q_proj"], 9)
+        state = {k.replace("layers.1.", "layers.2."): v for k, v in state.items()}
+        target = tmp_path / "missing"
+        save_fair_adaptor(target, metadata=make_metadata("missing"), text_encoder_lora=state, text_encoder_lora_config=config)
+    elif case == "unpublished":
+        target = "gender"
+    elif case == "fails while loading":
+        def broken(*args, **kwargs):
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(pipe, "load_textual_inversion", broken)
+
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        load_fair_adaptor(pipe, target, **kwargs)
+    if case == "base model":
+        pipe.register_to_config(_name_or_path=None)
+    monkeypatch.undo()
+    assert_same(before, snapshot(pipe))
+    assert {n: a.weight for n, a in fair_adaptors(pipe).items()} == {"lora-a": 0.7, "soft": 1.0}
+
+
+def test_base_model_check_uses_hub_ids_and_aliases(adaptors, tmp_path):
+    pipe = tiny_pipeline(0)
+    folder = tmp_path / "sd15"
+    save_random_adaptor(folder, pipe, seed=9, name="sd15", base_model="runwayml/stable-diffusion-v1-5")
+    pipe.register_to_config(_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert load_fair_adaptor(pipe, folder).metadata.base_model == "runwayml/stable-diffusion-v1-5"
+    pipe.register_to_config(_name_or_path="someone/another-model")
+    with pytest.raises(ValueError, match="check_base_model=False"):
+        load_fair_adaptor(pipe, adaptors["a"][0])
+    load_fair_adaptor(pipe, adaptors["a"][0], check_base_model=False)
+    assert sorted(fair_adaptors(pipe)) == ["lora-a", "sd15"]
+
+
+# --------------------------------------------------------------------------- the index
+def test_shipped_index_is_valid_and_unpublished_entries_refuse():
+    index = hub.load_index()
+    for name in ("gender", "gender-race", "gender-race-age", "gender-soft-tokens"):
+        assert index[name].status == "unpublished"
+        assert index[name].base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    toy = [e for e in index.values() if e.name.startswith("toy-")]
+    assert toy and all(e.status == "local" and e.base_model == TOY_BASE_MODEL for e in toy)
+    assert {"toy-gender-race", "toy-gender-soft-tokens"} <= set(index)
+    with pytest.raises(ValueError, match="not published yet"):
+        hub.resolve_adaptor("gender-race")
+    with pytest.raises(ValueError, match="not an adaptor name"):
+        hub.resolve_adaptor("no-such-adaptor")
+
+
+def test_local_index_entries_load_by_name(adaptors, tmp_path, monkeypatch):
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    save_random_adaptor(index_dir / "shipped", tiny_pipeline(0), seed=1, name="toy-test")
+    entry = {"status": "local", "description": "test", "base_model": TOY_BASE_MODEL, "kind": "lora", "targets": ["gender: male, female"]}
+    index = {
+        "format_version": 1,
+        "adaptors": {
+            "toy-test": {**entry, "path": "shipped"},
+            "toy-unbuilt": {**entry, "path": "unbuilt"},
+            "toy-wrong-kind": {**entry, "path": "shipped", "kind": "soft_tokens"},
+        },
+    }
+    (index_dir / "index.json").write_text(json.dumps(index))
+    monkeypatch.setattr(hub, "INDEX_PATH", index_dir / "index.json")
+
+    pipe, reference = tiny_pipeline(0), tiny_pipeline(0)
+    record = load_fair_adaptor(pipe, "toy-test")
+    load_fair_adaptor(reference, index_dir / "shipped")
+    assert record.adapter_name == "toy-test"
+    assert np.array_equal(generate(pipe), generate(reference))
+    with pytest.raises(ValueError, match="not built"):
+        load_fair_adaptor(pipe, "toy-unbuilt")
+    with pytest.raises(ValueError, match="announces a soft_tokens adaptor"):
+        load_fair_adaptor(pipe, "toy-wrong-kind")
+    with pytest.raises(ValueError, match="revision= applies to Hub adaptors only"):
+        load_fair_adaptor(pipe, "toy-test", revision="main")
+
+    bad = {"format_version": 1, "adaptors": {"x": {**entry, "status": "published", "repo_id": "a/b", "revision": "main"}}}
+    (index_dir / "index.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="commit sha"):
+        hub.load_index()
