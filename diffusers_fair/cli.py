@@ -118,5 +118,11 @@ from .report import EVAL_HELP, add_eval_arguments  # noqa: E402  (light: matplot
 register("eval", _eval, help=EVAL_HELP, add_arguments=add_eval_arguments)
 
 
+from . import convert, hub  # noqa: E402
+
+convert.register_cli(register)
+hub.register_cli(register)
+
+
 if __name__ == "__main__":
     sys.exit(main())

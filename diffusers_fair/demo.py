@@ -117,6 +117,10 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
         "minutes": round((time.time() - started) / 60, 2),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    # Save again with the measured held-out bias, which the model card and the index then show.
+    trainer.save_adaptor(out / "adaptor", name="toy-gender-race", overwrite=True,
+                         metrics_before={f"held_out_bias/{a}": v for a, v in report["before"].items()},
+                         metrics_after={f"held_out_bias/{a}": v for a, v in report["after"].items()})
     write_markdown(out, report)
     plot_bias(out, report)
     plot_shares(out, before, after)

@@ -46,3 +46,25 @@ def test_demo_is_registered_in_the_cli(capsys):
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_demo_records_the_measured_bias_in_the_adaptor(demo_out):
+    metadata = json.loads((demo_out / "adaptor" / "fair_adaptor.json").read_text())
+    report = json.loads((demo_out / "report.json").read_text())
+    assert metadata["metrics_after"]["held_out_bias/hair_length"] == pytest.approx(report["after"]["hair_length"])
+    assert metadata["metrics_before"]["held_out_bias/skin_tone"] == pytest.approx(report["before"]["skin_tone"])
+
+
+def test_shipped_toy_adaptor_loads_by_name():
+    from diffusers_fair import load_fair_adaptor
+
+    pipe = load_toy_pipeline()
+    ids = pipe.tokenizer(["a photo of the face of a judge, a person"], padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        loaded = load_fair_adaptor(pipe, "toy-gender-race")
+        after = pipe.text_encoder(ids)[0]
+    assert loaded.has_lora
+    assert [t["text"].split(":")[0] for t in loaded.metadata.targets] == ["hair_length", "skin_tone"]
+    assert (after - before).abs().max() > 1e-3
