@@ -45,7 +45,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "scikit-image"],
+        # olah serves local git repositories as Hub model repos, for the download tests.
+        "test": ["pytest", "hypothesis", "scikit-image", "olah"],
         "datasets": ["datasets"],
         "bench": ["pot"],
     },
