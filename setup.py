@@ -20,6 +20,8 @@ setup(
             "toy/*",
             "toy/**/*",
             "components/models/*",
+            "adaptors_index/*",
+            "adaptors_index/**/*",
         ],
     },
     install_requires=[
