@@ -33,7 +33,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -206,6 +208,8 @@ class FairAdaptorMetadata:
             )
         if self.kind is not None and self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.targets, (list, tuple)):
+            raise ValueError(f"targets must be a list of target distributions, got {type(self.targets).__name__}")
         self.targets = [
             target_to_dict(t) if isinstance(t, TargetDistribution) else target_to_dict(target_from_dict(t))
             for t in self.targets
@@ -398,11 +402,8 @@ def save_fair_adaptor(
         soft_tokens: ``(n_tokens, hidden)`` learned token embeddings, or ``None``.
         soft_token: the token name the embeddings are stored under; diffusers adds ``soft_token``,
             ``soft_token_1``, ... to the vocabulary. Must not contain spaces.
-        overwrite: replace an adaptor already in ``folder`` (its weight files are removed first).
+        overwrite: replace an adaptor already in ``folder`` (weight files the new one lacks are removed).
     """
-    from diffusers import StableDiffusionPipeline
-    from safetensors.torch import save_file
-
     if not isinstance(metadata, FairAdaptorMetadata):
         raise ValueError(f"metadata must be a FairAdaptorMetadata, got {type(metadata).__name__}")
     folder = Path(folder)
@@ -442,9 +443,28 @@ def save_fair_adaptor(
     if metadata.kind is not None and metadata.kind != kind:
         raise ValueError(f"metadata.kind is {metadata.kind!r} but the weights given make a {kind!r} adaptor")
 
+    # Everything is written to a staging folder first and moved into place when complete, the metadata
+    # last: a full disk or a crash while saving leaves the previous adaptor in ``folder`` untouched.
     folder.mkdir(parents=True, exist_ok=True)
-    for path in written:
-        path.unlink(missing_ok=True)
+    staging = folder / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        complete = _write_adaptor_files(staging, metadata, loras, soft_tokens, soft_token, kind)
+        for name in (LORA_WEIGHT_NAME, SOFT_TOKENS_NAME, CARD_NAME, METADATA_NAME):
+            if (staging / name).exists():
+                os.replace(staging / name, folder / name)
+            else:
+                (folder / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return complete
+
+
+def _write_adaptor_files(folder: Path, metadata, loras: dict, soft_tokens, soft_token: str, kind: str) -> FairAdaptorMetadata:
+    """Write weights, model card and metadata into ``folder``; return the completed metadata."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
 
     files, token_names = {}, []
     if loras:
@@ -513,15 +533,15 @@ class FairAdaptor:
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights as diffusers stores them (``text_encoder.`` / ``unet.`` keys)."""
-        from safetensors.torch import load_file
+        from .checkpointing import load_safetensors
 
-        return load_file(str(self.folder / LORA_WEIGHT_NAME))
+        return load_safetensors(self.folder / LORA_WEIGHT_NAME, f"{self.source}: {LORA_WEIGHT_NAME}")
 
     def soft_tokens(self) -> tuple[str, torch.Tensor]:
         """``(token name, (n_tokens, hidden) embeddings)``."""
-        from safetensors.torch import load_file
+        from .checkpointing import load_safetensors
 
-        state = load_file(str(self.folder / SOFT_TOKENS_NAME))
+        state = load_safetensors(self.folder / SOFT_TOKENS_NAME, f"{self.source}: {SOFT_TOKENS_NAME}")
         if len(state) != 1:
             raise ValueError(f"{self.source}: {SOFT_TOKENS_NAME} must hold exactly one entry, found {sorted(state)}")
         token, embeddings = next(iter(state.items()))
@@ -542,10 +562,12 @@ def read_fair_adaptor(folder: str | Path, *, verify: bool = True, source: str | 
     if not folder.is_dir():
         raise ValueError(f"{source}: no such adaptor folder")
     if not meta_path.is_file():
-        raise ValueError(f"{source}: no {METADATA_NAME}, so this is not a fair adaptor folder")
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"))
+        hint = f"; its PyTorch pickles {pickles} are never loaded (convert them: diffusers-fair convert)" if pickles else ""
+        raise ValueError(f"{source}: no {METADATA_NAME}, so this is not a fair adaptor folder{hint}")
     try:
         data = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{source}: {METADATA_NAME} is not valid JSON: {error}") from None
     try:
         metadata = FairAdaptorMetadata.from_dict(data)

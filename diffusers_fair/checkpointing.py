@@ -92,6 +92,22 @@ def save_checkpoint(folder: str | Path, iteration: int, tensors: dict[str, torch
     return final
 
 
+def load_safetensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or corrupt file, or a PyTorch pickle given in its
+    place, raises ``ValueError`` naming ``what`` (pickles are recognised, never unpickled)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive, or a raw pickle
+            raise ValueError(f"{what} is a PyTorch pickle, not a safetensors file; pickles are never loaded "
+                             "(save the tensors with safetensors.torch.save_file)") from None
+        raise ValueError(f"{what} is not a readable safetensors file (truncated or corrupt: {error})") from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint folder: ``(tensors, state)``."""
     path = Path(path)
@@ -99,7 +115,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise ValueError(f"{path} is not a complete checkpoint (expected {TENSORS_FILE} and {STATE_FILE})")
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        tensors = load_file(str(path / TENSORS_FILE))
+        tensors = load_safetensors(path / TENSORS_FILE, TENSORS_FILE)
     except Exception as error:  # JSON, OS and safetensors errors alike mean an unreadable checkpoint
         raise ValueError(f"checkpoint {path} is corrupt or unreadable: {error}") from error
     if state.get("format") != FORMAT_VERSION:

@@ -448,6 +448,8 @@ def load_prompt_sets(path: str | Path) -> list[PromptSet]:
         raise ValueError(f"prompt set file {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"prompt set file {path} is not valid JSON: {error}") from None
+    except OSError as error:  # a folder, no permission
+        raise ValueError(f"prompt set file {path} cannot be read: {error.strerror or error}") from None
     if not isinstance(data, list) or not data:
         raise ValueError(f"prompt set file {path} must hold a non-empty JSON list")
     if all(isinstance(item, str) for item in data):
@@ -515,8 +517,9 @@ def check_components(components, prompt_sets: list[PromptSet], config: FairTrain
                 if attribute not in known:
                     raise ValueError(f"target attribute {attribute!r} is not predicted by the classifier (it knows {sorted(known)})")
                 if tuple(known[attribute]) != tuple(classes):
-                    raise ValueError(f"target classes of {attribute!r} are {list(classes)}, the classifier's are "
-                                     f"{list(known[attribute])} (same names in the same order needed)")
+                    raise ValueError(f"the target of {attribute!r} has {len(classes)} classes {list(classes)}, the classifier "
+                                     f"{len(known[attribute])} {list(known[attribute])} (same names in the same order needed)")
+    _check_classifier_heads(classifier)
     if config.weight_loss_img > 0 and not components.image_embedders:
         raise ValueError("weight_loss_img > 0 needs at least one image embedder in components.image_embedders")
     if config.weight_loss_face > 0 and components.face_embedder is None:
@@ -525,6 +528,27 @@ def check_components(components, prompt_sets: list[PromptSet], config: FairTrain
     if bank is not None and (not isinstance(bank, torch.Tensor) or bank.ndim not in (2, 4) or bank.shape[0] == 0):
         shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
         raise ValueError(f"components.reference_faces must be (M, D) face embeddings or (M, 3, S, S) face images, got {shape}")
+
+
+def _check_classifier_heads(classifier) -> None:
+    """One no-grad forward pass on a grey face in eval mode: every head gives one logit per declared class."""
+    parameter = next(iter(classifier.parameters()), None) if isinstance(classifier, torch.nn.Module) else None
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    training = bool(getattr(classifier, "training", False))
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if training:
+            classifier.eval()
+        try:
+            logits = classifier(torch.full((1, 3, classifier.input_size, classifier.input_size), 0.5, device=device))
+        finally:
+            if training:
+                classifier.train()
+    for attribute, classes in classifier.attributes.items():
+        out = logits.get(attribute) if isinstance(logits, dict) else None
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, len(classes)):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the classifier's {attribute!r} head gives logits of shape {shape} for one face, expected "
+                             f"(1, {len(classes)}) for its classes {list(classes)}")
 
 
 # ---------------------------------------------------------------------------- seeded draws

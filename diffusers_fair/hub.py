@@ -147,6 +147,8 @@ def load_index(path: str | Path | None = None) -> dict[str, IndexEntry]:
         raise ValueError(f"the adaptor index {path} is missing (a broken installation?)") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"the adaptor index {path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"the adaptor index {path} must hold a JSON object")
     if data.get("format_version") != INDEX_FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported index format_version {data.get('format_version')!r}")
     adaptors = data.get("adaptors")
@@ -208,6 +210,11 @@ def resolve_adaptor(
         if revision is not None:
             raise ValueError(f"{text} is a local folder; revision= applies to Hub adaptors only")
         return read_fair_adaptor(path)
+    if path.is_file():
+        pickle = path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+        hint = ("PyTorch pickles are never loaded; convert the original release's .pth files with "
+                "`diffusers-fair convert`" if pickle else f"give the folder holding it and its {METADATA_NAME}")
+        raise ValueError(f"{text} is a file, not a fair adaptor folder: {hint}")
     if looks_like_repo_id(text):
         return download_adaptor(text, revision=revision, token=token, cache_dir=cache_dir)
     names = ", ".join(sorted(load_index(index_path)))

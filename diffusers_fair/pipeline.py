@@ -310,13 +310,15 @@ def load_fair_adaptor(
 
 
 def unload_fair_adaptor(pipe, adapter_name: str | None = None) -> None:
-    """Remove one fair adaptor (by adapter name) or, with ``None``, all of them.
+    """Remove one fair adaptor (by adapter name) or, with ``None``, all of them (at least one must be loaded).
 
     LoRA adapters are deleted (``pipe.delete_adapters``) and soft tokens removed from the
     tokenizer and text encoder. Unfused, the pipeline is then bit-identical to before loading;
     after fusing, the weights are restored by subtraction (equal up to float rounding).
     """
     registry = fair_adaptors(pipe)
+    if not registry:
+        raise ValueError("no fair adaptor is loaded into this pipeline; there is nothing to unload")
     if adapter_name is not None and adapter_name not in registry:
         raise ValueError(f"no fair adaptor named {adapter_name!r} is loaded; loaded: {sorted(registry)}")
     names = [adapter_name] if adapter_name is not None else list(registry)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 
@@ -62,6 +63,15 @@ def _check_class_names(attribute: str, class_names: Sequence[str]) -> tuple[str,
     return names
 
 
+def _check_number(value: object, what: str) -> float:
+    """A probability given as a number; strings, bools and ``None`` are refused, not converted."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def _check_probabilities(values: torch.Tensor, what: str) -> torch.Tensor:
     """Check a float64 tensor of probabilities: finite, non-negative, summing to 1."""
     if not torch.isfinite(values).all():
@@ -99,7 +109,9 @@ class TargetDistribution:
             )
         attribute = _check_name(attribute, "attribute name")
         names = _check_class_names(attribute, list(probabilities.keys()))
-        values = torch.tensor([float(probabilities[name]) for name in names], dtype=torch.float64)
+        values = torch.tensor(
+            [_check_number(probabilities[name], f"probability of {attribute}={name}") for name in names], dtype=torch.float64
+        )
         self._set(
             {attribute: names}, _check_probabilities(values, f"target for {attribute!r}")
         )
@@ -154,7 +166,7 @@ class TargetDistribution:
                     if name not in names:
                         raise ValueError(f"unknown class {name!r} for attribute {attr!r}")
                     index.append(names.index(name))
-                values[tuple(index)] = float(prob)
+                values[tuple(index)] = _check_number(prob, f"probability of cell {cell}")
         else:
             values = torch.as_tensor(table, dtype=torch.float64)
             if tuple(values.shape) != shape:
