@@ -20,6 +20,10 @@ _LAZY = {
     "TorchvisionFaceEmbedder": "face_embedder",
     "ReferenceFaceSet": "face_embedder",
     "embed_faces": "face_embedder",
+    "ClassifierSettings": "stable_diffusion",
+    "SD15ComponentSettings": "stable_diffusion",
+    "SD15Components": "stable_diffusion",
+    "load_sd15_components": "stable_diffusion",
 }
 
 __all__ = ["AttributeClassifier", "FaceDetector", "FaceDetection", "FaceEmbedder", "ImageEmbedder", *_LAZY]
