@@ -86,9 +86,15 @@ class AttributeSummary:
 
 @dataclass
 class AuditResult:
+    """Per-word audits, their summary, the settings, and (with ``keep_images=True``) the images.
+
+    ``images`` is ``(words * images_per_word, 3, H, W)`` in ``[0, 1]``, word by word in audit order.
+    """
+
     words: list[WordAudit]
     summary: dict[str, AttributeSummary]
     settings: dict = field(default_factory=dict)
+    images: torch.Tensor | None = None
 
     def to_json(self) -> str:
         return json.dumps({"settings": self.settings, "summary": {k: asdict(v) for k, v in self.summary.items()},
@@ -207,7 +213,8 @@ def summarize(words: list[WordAudit]) -> dict[str, AttributeSummary]:
 
 
 def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, components: ToyComponents, *,
-                   seed: int = 0, guidance_scale: float = 4.0, num_inference_steps: int = 15, batch_size: int = 32) -> AuditResult:
+                   seed: int = 0, guidance_scale: float = 4.0, num_inference_steps: int = 15, batch_size: int = 32,
+                   keep_images: bool = False) -> AuditResult:
     """Generate ``images_per_word`` images for each word's prompt and read their traits.
 
     Args:
@@ -215,6 +222,7 @@ def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, co
         words: toy-world words (``world.Word`` or their names).
         images_per_word: images per word; every word starts from the same ``seed``-ed latents.
         components: the toy components (``load_toy_components()``).
+        keep_images: keep the generated images in the result (e.g. to compare two models image by image).
 
     Returns:
         An :class:`AuditResult`: per-word frequencies and bias against the training skews, and a
@@ -227,13 +235,15 @@ def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, co
         raise ValueError("no words to audit")
     pipe.set_progress_bar_config(disable=True)
     latents = initial_latents(pipe, images_per_word, seed)
-    audits = []
+    audits, kept = [], []
     for word in tqdm(words, desc="audit", mininterval=5):
         prompt = world.prompt(word)
         images = generate(pipe, prompt, latents, guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, batch_size=batch_size)
         found, classes = classify_images(images.to(_device(components)), components)
         found = found.cpu()
+        if keep_images:
+            kept.append(images.cpu())
         freqs, skew, bias, skew_bias = {}, {}, {}, {}
         for name, names in TRAITS.items():
             counts = torch.bincount(classes[name].cpu()[found], minlength=len(names)).double()
@@ -245,7 +255,8 @@ def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, co
                                 freqs, skew, bias, skew_bias))
     settings = {"seed": seed, "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
                 "images_per_word": images_per_word, "num_words": len(words)}
-    return AuditResult(words=audits, summary=summarize(audits), settings=settings)
+    return AuditResult(words=audits, summary=summarize(audits), settings=settings,
+                       images=torch.cat(kept) if keep_images else None)
 
 
 @torch.no_grad()

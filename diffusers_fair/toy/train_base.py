@@ -1,6 +1,6 @@
 """Train the toy world's base text-to-image model from scratch (seeded).
 
-    python -m diffusers_fair.toy.train_base --out runs/toy_base [--vae-steps 600 --steps 3000]
+    python -m diffusers_fair.toy.train_base --out runs/toy_base [--steps 4000 --decay-start 2250]
 
 Two stages, each checkpointed under ``--out`` (a rerun continues where it stopped):
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -135,7 +135,26 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe.save_pretrained(folder)
 
 
-def train_diffusion(out: Path, vae: AutoencoderKL, steps: int, batch: int, seed: int, lr: float, checkpoint_every: int) -> None:
+def learning_rate_factor(step: int, steps: int, decay_start: int | None) -> float:
+    """Linear warm-up over 200 steps, constant, then (from ``decay_start``) a cosine decay to 0.1 at ``steps``."""
+    factor = min(1.0, step / 200)
+    if decay_start is not None and step > decay_start:
+        progress = (step - decay_start) / max(1, steps - decay_start)
+        factor *= 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress))
+    return factor
+
+
+def train_diffusion(
+    out: Path,
+    vae: AutoencoderKL,
+    steps: int,
+    batch: int,
+    seed: int,
+    lr: float,
+    checkpoint_every: int,
+    decay_start: int | None = None,
+    anneal_steps: int = 1200,
+) -> None:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(world.vocabulary())
     text_encoder = architecture.make_text_encoder(tokenizer)
@@ -166,7 +185,7 @@ def train_diffusion(out: Path, vae: AutoencoderKL, steps: int, batch: int, seed:
     t0 = time.time()
     running = []
     for step in range(start_step + 1, steps + 1):
-        explicit = 0.8 - 0.3 * min(1.0, step / (0.4 * steps))
+        explicit = 0.8 - 0.3 * min(1.0, step / anneal_steps)
         prompts, traits = sampler.batch(batch, explicit)
         images = to_model_range(render(traits, rng).images)
         with torch.no_grad():
@@ -176,9 +195,9 @@ def train_diffusion(out: Path, vae: AutoencoderKL, steps: int, batch: int, seed:
         t = (torch.sqrt(torch.rand(batch)) * noise_scheduler.config.num_train_timesteps).long().clamp(max=999)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t)
-        warm = min(1.0, step / 200)
+        factor = learning_rate_factor(step, steps, decay_start)
         for group, base in zip(opt.param_groups, (lr, 3 * lr)):
-            group["lr"] = base * warm
+            group["lr"] = base * factor
         pred = unet(noisy, t, encode_prompts(tokenizer, text_encoder, prompts)).sample
         loss = F.mse_loss(pred, target)
         opt.zero_grad()
@@ -212,7 +231,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("runs/toy_base"))
     parser.add_argument("--vae-steps", type=int, default=600)
     parser.add_argument("--vae-batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--decay-start", type=int, default=2250, help="step at which the cosine learning-rate decay starts")
+    parser.add_argument("--anneal-steps", type=int, default=1200, help="steps over which explicit prompts go from 80%% to 50%%")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -222,7 +243,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     vae = train_vae(args.out, args.vae_steps, args.vae_batch, args.seed)
-    train_diffusion(args.out, vae, args.steps, args.batch, args.seed + 1, args.lr, args.checkpoint_every)
+    train_diffusion(args.out, vae, args.steps, args.batch, args.seed + 1, args.lr, args.checkpoint_every, args.decay_start, args.anneal_steps)
 
 
 if __name__ == "__main__":
