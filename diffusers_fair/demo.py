@@ -10,7 +10,8 @@ Steps, all on the toy world shipped in the package (``diffusers_fair.toy``):
 2. Train a text-encoder LoRA with the distributional alignment loss and adjusted direct finetuning,
    on the training words only, towards a uniform distribution of hair length (the gender slot) and
    of skin tone (the race slot), both at once.
-3. Save the adaptor (``OUT/adaptor``), load it into a fresh stock pipeline with
+3. Save the adaptor (``OUT/adaptor``), load it into a fresh ``FairFinetunePipeline`` (which puts
+   the soft tokens of an adaptor that has them in front of every prompt) with
    :func:`~diffusers_fair.pipeline.load_fair_adaptor` and audit the held-out words again, from the same noise.
 4. Write ``report.json``, ``report.md``, bar charts of the distributions and before/after image grids.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from .config import FairTrainingConfig
 from .pipeline import load_fair_adaptor
 from .targets import TargetDistribution
 from .toy import model_path, world
-from .toy.audit import AuditResult, audit_pipeline, generate, initial_latents
+from .toy.audit import AuditResult, audit_pipeline
 from .toy.render import TRAITS
 
 DEBIASED = ("hair_length", "skin_tone")
@@ -44,26 +45,65 @@ class DemoSettings:
         images_per_prompt: images generated per training iteration (the batch the loss aligns).
         images_per_word: images per held-out word in each audit.
         num_words: how many held-out words to audit (the first ones of the held-out split).
-        learning_rate: AdamW learning rate of the LoRA weights.
+        learning_rate: AdamW learning rate of the trained weights.
         seed: seeds the training draws and the audit noise.
     """
 
     iterations: int = 100
     images_per_prompt: int = 8
-    images_per_word: int = 16
+    images_per_word: int = 32
     num_words: int = 20
     learning_rate: float = 4e-3
     seed: int = 0
 
     @classmethod
-    def quick(cls) -> "DemoSettings":
+    def quick(cls) -> DemoSettings:
         return cls(iterations=12, images_per_word=8, num_words=8)
 
 
-def load_toy_pipeline():
+@dataclass
+class ToyExperiment:
+    """One debiasing run on the toy world: what is targeted and what is trained.
+
+    Attributes:
+        name: the adaptor's name, e.g. ``"toy-gender-race"``.
+        title: the report's heading.
+        targets: the target distributions (toy trait names and classes, see ``toy.render.TRAITS``).
+        trainable: ``FairTrainingConfig`` fields that choose the trained weights and override the
+            toy preset, e.g. ``{"train_text_encoder_lora": False, "num_soft_tokens": 5}``. Empty: a
+            text-encoder LoRA.
+    """
+
+    name: str
+    title: str
+    targets: list[TargetDistribution]
+    trainable: dict = field(default_factory=dict)
+
+    @property
+    def debiased(self) -> list[str]:
+        """The attributes the targets cover, in trait order."""
+        covered = {a for target in self.targets for a in target.attributes}
+        return [a for a in TRAITS if a in covered]
+
+
+def demo_experiment() -> ToyExperiment:
+    """The demo's run: a text-encoder LoRA towards uniform hair length and uniform skin tone."""
+    return ToyExperiment(
+        name="toy-gender-race",
+        title="Toy-world demo: debiasing hair length (gender slot) and skin tone (race slot)",
+        targets=targets(),
+    )
+
+
+def load_toy_pipeline(fair: bool = False):
+    """The toy model in a stock ``StableDiffusionPipeline``, or (``fair=True``) in a
+    :class:`~diffusers_fair.pipeline.FairFinetunePipeline`, which puts the soft tokens of loaded
+    adaptors in front of every prompt."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_path())
+    from .pipeline import FairFinetunePipeline
+
+    pipe = (FairFinetunePipeline if fair else StableDiffusionPipeline).from_pretrained(model_path())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -74,6 +114,29 @@ def targets() -> list[TargetDistribution]:
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     """Run the demo into the folder ``out``; returns the report (also written as ``report.json``)."""
+    return run_experiment(out, demo_experiment(), settings)
+
+
+def audit_settings(settings: DemoSettings) -> dict:
+    """The audit's sampling settings: the toy preset's guidance and its largest step count."""
+    config = FairTrainingConfig.toy()
+    return {"seed": settings.seed, "guidance_scale": config.guidance_scale, "num_inference_steps": config.max_inference_steps}
+
+
+def audit_base_model(settings: DemoSettings, components) -> AuditResult:
+    """The base model's audit on the held-out words (images kept for the comparisons)."""
+    held_out = world.words("occupation", "test")[: settings.num_words]
+    return audit_pipeline(load_toy_pipeline(), held_out, settings.images_per_word, components, keep_images=True,
+                          **audit_settings(settings))
+
+
+def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSettings | None = None,
+                   before: AuditResult | None = None) -> dict:
+    """Audit, debias and re-audit the toy model as ``experiment`` says; write everything into ``out``.
+
+    ``before`` reuses a base-model audit made with the same settings (:func:`audit_base_model`).
+    Returns the report, also written as ``report.json`` next to ``report.md``, the plots and ``adaptor/``.
+    """
     from .toy.components import load_toy_components
     from .trainer import DistributionalAlignmentTrainer
 
@@ -81,36 +144,44 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     components = load_toy_components()
-    config = FairTrainingConfig.toy(
-        num_iterations=settings.iterations, images_per_prompt=settings.images_per_prompt,
-        micro_batch_size=settings.images_per_prompt, learning_rate=settings.learning_rate, seed=settings.seed,
-        output_dir=str(out / "training"), checkpoint_every=0, sample_every=0,
-    )
+    run_settings = {
+        "num_iterations": settings.iterations, "images_per_prompt": settings.images_per_prompt,
+        "micro_batch_size": settings.images_per_prompt, "learning_rate": settings.learning_rate, "seed": settings.seed,
+        "output_dir": str(out / "training"), "checkpoint_every": 0, "sample_every": 0,
+    }
+    config = FairTrainingConfig.toy(**{**run_settings, **experiment.trainable})
     held_out = world.words("occupation", "test")[: settings.num_words]
-    audit = dict(seed=settings.seed, guidance_scale=config.guidance_scale, num_inference_steps=config.max_inference_steps)
+    audit = audit_settings(settings)
     started = time.time()
 
-    print(f"[1/3] auditing the base model on {len(held_out)} held-out words", flush=True)
-    base = load_toy_pipeline()
-    before = audit_pipeline(base, held_out, settings.images_per_word, components, **audit)
+    if before is None:
+        print(f"[1/3] auditing the base model on {len(held_out)} held-out words", flush=True)
+        before = audit_base_model(settings, components)
+    if [w.word for w in before.words] != [w.name for w in held_out] or before.images is None:
+        raise ValueError("the given base-model audit does not match these settings (words, kept images)")
 
-    print(f"[2/3] training a text-encoder LoRA for {settings.iterations} iterations", flush=True)
+    print(f"[2/3] training {experiment.name} for {settings.iterations} iterations", flush=True)
     prompts = [world.prompt(w) for w in world.words("occupation", "train")]
-    trainer = DistributionalAlignmentTrainer(config, load_toy_pipeline(), targets(), prompts, components)
+    trainer = DistributionalAlignmentTrainer(config, load_toy_pipeline(), experiment.targets, prompts, components)
     trainer.train()
-    trainer.save_adaptor(out / "adaptor", name="toy-gender-race", overwrite=True)
+    trainer.save_adaptor(out / "adaptor", name=experiment.name, overwrite=True)
 
-    print("[3/3] auditing the debiased model (adaptor loaded into a stock pipeline)", flush=True)
-    adapted = load_toy_pipeline()
+    print("[3/3] auditing the debiased model (adaptor loaded into a fresh pipeline)", flush=True)
+    adapted = load_toy_pipeline(fair=True)
     load_fair_adaptor(adapted, out / "adaptor")
-    after = audit_pipeline(adapted, held_out, settings.images_per_word, components, **audit)
+    after = audit_pipeline(adapted, held_out, settings.images_per_word, components, keep_images=True, **audit)
 
     report = {
+        "experiment": experiment.name,
+        "title": experiment.title,
         "before": {a: before.summary[a].mean_bias for a in TRAITS},
         "after": {a: after.summary[a].mean_bias for a in TRAITS},
-        "debiased": list(DEBIASED),
+        "debiased": experiment.debiased,
+        "targets": [str(target) for target in experiment.targets],
         "shares_before": {a: before.summary[a].shares for a in TRAITS},
         "shares_after": {a: after.summary[a].shares for a in TRAITS},
+        "similarity": image_similarity(before.images, after.images, components),
+        "trainable": experiment.trainable,
         "held_out_words": [w.name for w in held_out],
         "settings": asdict(settings),
         "audit": audit,
@@ -118,28 +189,40 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     # Save again with the measured held-out bias, which the model card and the index then show.
-    trainer.save_adaptor(out / "adaptor", name="toy-gender-race", overwrite=True,
+    trainer.save_adaptor(out / "adaptor", name=experiment.name, overwrite=True,
                          metrics_before={f"held_out_bias/{a}": v for a, v in report["before"].items()},
                          metrics_after={f"held_out_bias/{a}": v for a, v in report["after"].items()})
     write_markdown(out, report)
     plot_bias(out, report)
-    plot_shares(out, before, after)
-    image_grid(out, base, adapted, held_out[:4], audit)
+    plot_shares(out, before, after, report["debiased"])
+    image_grid(out, before, after)
     print(f"done in {report['minutes']} min; report in {out / 'report.md'}", flush=True)
     return report
 
 
+@torch.no_grad()
+def image_similarity(before: torch.Tensor, after: torch.Tensor, components) -> float:
+    """Mean cosine similarity of the scene embeddings of image pairs from the same noise.
+
+    The toy world's stand-in for the paper's CLIP similarity to the original images: 1 when the
+    adapted model keeps every scene (background, pose, clothes) as the base model drew it.
+    """
+    embedder = components.image_embedders[0]
+    return float(torch.nn.functional.cosine_similarity(embedder(before), embedder(after), dim=1).mean())
+
+
 def write_markdown(out: Path, report: dict) -> Path:
-    lines = ["# Toy-world demo: debiasing hair length (gender slot) and skin tone (race slot)", "",
+    lines = [f"# {report['title']}", "", f"Targets: {'; '.join(report['targets'])}.", "",
              f"Held-out words: {', '.join(report['held_out_words'])}.", "",
              "| attribute | slot | bias before | bias after | debiased |", "|---|---|---|---|---|"]
     slots = {v: k for k, v in world.load_world()["slots"].items()}
     for a in TRAITS:
         lines.append(f"| {a} | {slots[a]} | {report['before'][a]:.3f} | {report['after'][a]:.3f} | "
                      f"{'yes' if a in report['debiased'] else 'no'} |")
-    lines += ["", "Class shares over all held-out images:", "", "| attribute | before | after |", "|---|---|---|"]
+    lines += ["", f"Similarity to the base model's images from the same noise (scene embedding): {report['similarity']:.3f}.",
+              "", "Class shares over all held-out images:", "", "| attribute | before | after |", "|---|---|---|"]
     for a in TRAITS:
-        fmt = lambda shares: ", ".join(f"{c} {v:.2f}" for c, v in shares.items())  # noqa: E731
+        fmt = lambda shares: ", ".join(f"{c} {v:.2f}" for c, v in shares.items())
         lines.append(f"| {a} | {fmt(report['shares_before'][a])} | {fmt(report['shares_after'][a])} |")
     lines += ["", "![bias](bias.png)", "", "![shares](shares.png)", "", "![images](images.png)", "",
               "Image grid: per word, the base model (top row) and the debiased model (bottom row) from the same noise.", ""]
@@ -174,14 +257,14 @@ def plot_bias(out: Path, report: dict) -> Path:
     return path
 
 
-def plot_shares(out: Path, before: AuditResult, after: AuditResult) -> Path:
+def plot_shares(out: Path, before: AuditResult, after: AuditResult, attributes: list[str]) -> Path:
     """Per word, the generated share of each class, before (left bar) and after (right bar)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(len(DEBIASED), 1, figsize=(10, 3.2 * len(DEBIASED)))
+    fig, axes = plt.subplots(len(attributes), 1, figsize=(10, 3.2 * len(attributes)), squeeze=False)
     names = [w.word for w in before.words]
     x = np.arange(len(names))
     colours = plt.get_cmap("tab10").colors
-    for ax, attr in zip(axes, DEBIASED):
+    for ax, attr in zip(axes[:, 0], attributes):
         for offset, result, hatch in ((-0.2, before, "//"), (0.2, after, None)):
             bottom = np.zeros(len(names))
             for i, c in enumerate(TRAITS[attr]):
@@ -200,16 +283,16 @@ def plot_shares(out: Path, before: AuditResult, after: AuditResult) -> Path:
     return path
 
 
-@torch.no_grad()
-def image_grid(out: Path, base, adapted, words: list, audit: dict, per_word: int = 8) -> Path:
+def image_grid(out: Path, before: AuditResult, after: AuditResult, num_words: int = 4, per_word: int = 8) -> Path:
+    """Per word, a row of the base model's images above the adapted model's, from the same noise."""
     from torchvision.utils import save_image
 
-    latents = initial_latents(base, per_word, audit["seed"])
+    count = before.settings["images_per_word"]
+    per_word = min(per_word, count)
     rows = []
-    for word in words:
-        for pipe in (base, adapted):
-            rows.append(generate(pipe, world.prompt(word), latents, guidance_scale=audit["guidance_scale"],
-                                 num_inference_steps=audit["num_inference_steps"], batch_size=per_word).cpu())
+    for index in range(min(num_words, len(before.words))):
+        for result in (before, after):
+            rows.append(result.images[index * count: index * count + per_word])
     path = out / "images.png"
     images = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=3, mode="nearest")
     save_image(images, path, nrow=per_word, padding=2)

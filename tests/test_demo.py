@@ -23,6 +23,9 @@ def test_demo_writes_the_report_and_pictures(demo_out):
     for value in list(report["before"].values()) + list(report["after"].values()):
         assert 0.0 <= value <= 1.0
     assert len(report["held_out_words"]) == 2
+    assert report["targets"] == ["hair_length: short=0.5, long=0.5",
+                                 "skin_tone: pale=0.25, tan=0.25, brown=0.25, deep=0.25"]
+    assert 0.0 < report["similarity"] <= 1.0 + 1e-6
     for name in ("report.md", "bias.png", "shares.png", "images.png", "adaptor/fair_adaptor.json"):
         assert (demo_out / name).stat().st_size > 0, name
     assert "| hair_length | gender |" in (demo_out / "report.md").read_text()
@@ -68,3 +71,58 @@ def test_shipped_toy_adaptor_loads_by_name():
     assert loaded.has_lora
     assert [t["text"].split(":")[0] for t in loaded.metadata.targets] == ["hair_length", "skin_tone"]
     assert (after - before).abs().max() > 1e-3
+
+
+def test_experiment_lists_the_attributes_its_targets_cover():
+    from diffusers_fair.demo import ToyExperiment
+    from diffusers_fair.targets import TargetDistribution
+
+    joint = TargetDistribution.parse("hair_colour: dark, grey * hair_length: short, long")
+    experiment = ToyExperiment("x", "x", [joint])
+    assert experiment.debiased == ["hair_length", "hair_colour"]  # trait order, not target order
+
+
+def test_image_similarity_is_one_for_the_same_images_and_lower_for_others():
+    from diffusers_fair.demo import image_similarity
+    from diffusers_fair.toy.components import load_toy_components
+    from diffusers_fair.toy.render import random_traits, render
+    import numpy as np
+
+    components = load_toy_components()
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(render(random_traits(6, rng), 1).images)
+    b = torch.from_numpy(render(random_traits(6, rng), 2).images)
+    assert image_similarity(a, a, components) == pytest.approx(1.0, abs=1e-5)
+    embed = components.image_embedders[0]
+    expected = torch.nn.functional.cosine_similarity(embed(a), embed(b), dim=1).mean()
+    assert image_similarity(a, b, components) == pytest.approx(float(expected), abs=1e-6)
+    assert image_similarity(a, b, components) < 0.99
+
+
+def test_a_soft_token_experiment_is_audited_with_its_tokens(tmp_path):
+    from diffusers_fair.demo import ToyExperiment, run_experiment
+    from diffusers_fair.targets import TargetDistribution
+
+    experiment = ToyExperiment("toy-soft", "soft tokens", [TargetDistribution.uniform("hair_length", ["short", "long"])],
+                               trainable={"train_text_encoder_lora": False, "num_soft_tokens": 2})
+    settings = DemoSettings(iterations=2, images_per_prompt=4, images_per_word=2, num_words=1, learning_rate=0.05)
+    report = run_experiment(tmp_path, experiment, settings)
+    # The trained tokens change the prompt's embedding, so the audited images change too: an audit
+    # that left the tokens out of the prompt would give the base model's images (similarity 1).
+    assert report["similarity"] < 1.0 - 1e-4
+    metadata = json.loads((tmp_path / "adaptor" / "fair_adaptor.json").read_text())
+    assert metadata["kind"] == "soft_tokens"
+
+
+def test_every_shipped_toy_adaptor_loads_and_matches_its_index_entry():
+    from diffusers_fair import hub, load_fair_adaptor
+
+    local = {name: e for name, e in hub.load_index().items() if e.status == "local"}
+    assert {"toy-gender", "toy-gender-race", "toy-gender-race-age", "toy-gender-soft-tokens"} <= set(local)
+    for name, entry in local.items():
+        pipe = load_toy_pipeline(fair=True)
+        loaded = load_fair_adaptor(pipe, name)
+        assert [t["text"] for t in loaded.metadata.targets] == list(entry.targets), name
+        assert loaded.metadata.kind == entry.kind, name
+        after = entry.metrics["held_out_bias_after"]
+        assert set(after) == {"hair_length", "skin_tone", "hair_colour"}, name

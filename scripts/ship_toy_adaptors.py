@@ -1,0 +1,71 @@
+"""Copy toy adaptors trained by ``examples/toy_paper_effects.py`` into the package's adaptor index.
+
+    python scripts/ship_toy_adaptors.py results/toy gender-race gender gender-race-age soft-tokens
+
+For each run named, copies ``RESULTS/<run>/adaptor`` to ``diffusers_fair/adaptors_index/<adaptor name>``
+and rewrites that name's entry in ``index.json`` from the adaptor's own metadata (kind, targets,
+files) and the run's report (held-out bias before and after, hair-colour shares, settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+INDEX_DIR = Path(__file__).resolve().parent.parent / "diffusers_fair" / "adaptors_index"
+
+
+def entry_for(run: Path, previous: dict) -> tuple[str, dict]:
+    metadata = json.loads((run / "adaptor" / "fair_adaptor.json").read_text())
+    report = json.loads((run / "report.json").read_text())
+    metrics = {
+        "held_out_bias_before": {a: round(v, 3) for a, v in report["before"].items()},
+        "held_out_bias_after": {a: round(v, 3) for a, v in report["after"].items()},
+        "grey_share_before": round(report["shares_before"]["hair_colour"]["grey"], 3),
+        "grey_share_after": round(report["shares_after"]["hair_colour"]["grey"], 3),
+        "similarity_to_base_images": round(report["similarity"], 3),
+        "held_out_words": len(report["held_out_words"]),
+        "images_per_word": report["settings"]["images_per_word"],
+        "iterations": report["settings"]["iterations"],
+    }
+    files = sorted(p.name for p in (run / "adaptor").iterdir() if p.is_file())
+    entry = {
+        **previous,
+        "status": "local",
+        "base_model": metadata["base_model"],
+        "kind": metadata["kind"],
+        "targets": [t["text"] for t in metadata["targets"]],
+        "path": metadata["name"],
+        "files": files,
+        "metrics": metrics,
+    }
+    entry.setdefault("description", report["title"])
+    return metadata["name"], entry
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="the --out folder of examples/toy_paper_effects.py")
+    parser.add_argument("runs", nargs="+", help="run names, e.g. gender-race")
+    args = parser.parse_args(argv)
+    index_file = INDEX_DIR / "index.json"
+    index = json.loads(index_file.read_text())
+    for run in args.runs:
+        folder = args.results / run
+        name = json.loads((folder / "adaptor" / "fair_adaptor.json").read_text())["name"]
+        name, entry = entry_for(folder, index["adaptors"].get(name, {}))
+        target = INDEX_DIR / name
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(folder / "adaptor", target)
+        for path in target.iterdir():
+            path.chmod(0o644)
+        index["adaptors"][name] = entry
+        print(f"shipped {name}: {entry['metrics']['held_out_bias_after']}")
+    index_file.write_text(json.dumps(index, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
