@@ -108,8 +108,13 @@ def load_toy_pipeline(fair: bool = False):
     return pipe
 
 
+def uniform(trait: str) -> TargetDistribution:
+    """The uniform target over a toy trait's classes."""
+    return TargetDistribution.uniform(trait, TRAITS[trait])
+
+
 def targets() -> list[TargetDistribution]:
-    return [TargetDistribution.uniform(name, TRAITS[name]) for name in DEBIASED]
+    return [uniform(name) for name in DEBIASED]
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:

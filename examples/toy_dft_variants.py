@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusers_fair import dft, trainable
+from diffusers_fair import dft, losses, trainable
 from diffusers_fair.demo import load_toy_pipeline
 from diffusers_fair.toy.components import load_toy_components
 from diffusers_fair.toy.render import TRAITS, render
@@ -49,10 +49,6 @@ def target_image(seed: int) -> torch.Tensor:
     return torch.from_numpy(render(traits, seed).images)
 
 
-def semantics_loss(images: torch.Tensor, target: torch.Tensor, embedder) -> torch.Tensor:
-    """The mean ``1 - cos(embed(image), embed(target))`` over the images."""
-    similarity = torch.nn.functional.cosine_similarity(embedder(images), embedder(target).detach(), dim=1)
-    return (1 - similarity).mean()
 
 
 def encode(pipe, text: str, batch: int) -> torch.Tensor:
@@ -71,25 +67,29 @@ def run_variant(variant: str, seed: int, args, components, target: torch.Tensor)
     prompt = trainable.soft_token_prefix(SOFT_TOKENS) + PROMPT
     unet, vae = pipe.unet, pipe.vae
 
+    embedder = components.image_embedders[args.embedder]
+    with torch.no_grad():
+        target_embedding = embedder(target).expand(args.batch, -1)
+        negative = encode(pipe, "", args.batch)
+
     def loss_fn(latents: torch.Tensor) -> torch.Tensor:
+        """The mean ``1 - cos(embed(image), embed(target))`` over the images."""
         images = (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-        return semantics_loss(images, target, components.image_embedders[args.embedder])
+        return losses.cosine_distance(embedder(images), target_embedding).mean()
 
     shape = (args.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    losses = []
+    history = []
     for iteration in tqdm(range(args.iterations), desc=f"{variant} seed {seed}", mininterval=5):
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + iteration))
         optimizer.zero_grad()
-        with torch.no_grad():
-            negative = encode(pipe, "", args.batch)
         result = dft.adjusted_backward(
             unet, pipe.scheduler, noise, encode(pipe, prompt, args.batch), loss_fn,
             num_inference_steps=args.steps, guidance_scale=args.guidance_scale, negative_prompt_embeds=negative,
             **VARIANTS[variant],
         )
         optimizer.step()
-        losses.append(float(result.loss))
-    return losses
+        history.append(float(result.loss))
+    return history
 
 
 def smooth(values: np.ndarray, width: int = 5) -> np.ndarray:

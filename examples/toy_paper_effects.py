@@ -31,15 +31,12 @@ from diffusers_fair.demo import (
     audit_base_model,
     demo_experiment,
     run_experiment,
+    uniform,
 )
 from diffusers_fair.evaluation import bias_floor
 from diffusers_fair.targets import TargetDistribution
 from diffusers_fair.toy.components import load_toy_components
 from diffusers_fair.toy.render import TRAITS
-
-
-def uniform(attribute: str) -> TargetDistribution:
-    return TargetDistribution.uniform(attribute, TRAITS[attribute])
 
 
 def experiments() -> dict[str, ToyExperiment]:

@@ -17,8 +17,10 @@ from pathlib import Path
 INDEX_DIR = Path(__file__).resolve().parent.parent / "diffusers_fair" / "adaptors_index"
 
 
-def entry_for(run: Path, previous: dict) -> tuple[str, dict]:
+def entry_for(run: Path, index: dict) -> tuple[str, dict]:
+    """The adaptor's name and its index entry: ``index``'s entry of that name, updated from the run."""
     metadata = json.loads((run / "adaptor" / "fair_adaptor.json").read_text())
+    previous = index["adaptors"].get(metadata["name"], {})
     report = json.loads((run / "report.json").read_text())
     metrics = {
         "held_out_bias_before": {a: round(v, 3) for a, v in report["before"].items()},
@@ -54,8 +56,7 @@ def main(argv=None) -> None:
     index = json.loads(index_file.read_text())
     for run in args.runs:
         folder = args.results / run
-        name = json.loads((folder / "adaptor" / "fair_adaptor.json").read_text())["name"]
-        name, entry = entry_for(folder, index["adaptors"].get(name, {}))
+        name, entry = entry_for(folder, index)
         target = INDEX_DIR / name
         if target.exists():
             shutil.rmtree(target)
