@@ -461,6 +461,31 @@ def save_fair_adaptor(
     return complete
 
 
+DESCRIPTIVE_FIELDS = ("description", "metrics_before", "metrics_after", "eval_prompts", "license")
+
+
+def update_fair_adaptor_metadata(folder: str | Path, **fields) -> FairAdaptorMetadata:
+    """Change descriptive fields of a saved adaptor (e.g. the metrics measured after saving it).
+
+    Only the fields in ``DESCRIPTIVE_FIELDS`` can change; the weights are checked against their sha256
+    and left as they are; the model card and ``fair_adaptor.json`` are rewritten, each atomically.
+    Returns the new metadata.
+    """
+    unknown = sorted(set(fields) - set(DESCRIPTIVE_FIELDS))
+    if unknown:
+        raise ValueError(f"only {list(DESCRIPTIVE_FIELDS)} can be updated in a saved adaptor, got {unknown}")
+    folder = Path(folder)
+    metadata = replace(read_fair_adaptor(folder).metadata, **fields)
+    from .hub import build_model_card
+
+    for name, write in ((CARD_NAME, lambda path: build_model_card(metadata).save(path)),
+                        (METADATA_NAME, lambda path: path.write_text(metadata.to_json(), encoding="utf-8"))):
+        staging = folder / f".{name}.saving"
+        write(staging)
+        os.replace(staging, folder / name)
+    return metadata
+
+
 def _write_adaptor_files(folder: Path, metadata, loras: dict, soft_tokens, soft_token: str, kind: str) -> FairAdaptorMetadata:
     """Write weights, model card and metadata into ``folder``; return the completed metadata."""
     from diffusers import StableDiffusionPipeline

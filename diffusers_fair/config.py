@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -34,10 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .jsonfile import read_json
 from .targets import TargetDistribution
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DFT_MODES = ("two_pass", "one_graph", "naive")
+LR_SCHEDULES = ("constant", "cosine")
 SAMPLERS = ("dpmsolver++", "ddim", "euler", "pipeline")
 TRACKERS = ("auto", "tensorboard", "wandb", "none")
 _TOKEN_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
@@ -171,8 +172,14 @@ class FairTrainingConfig:
 
     # ------------------------------------------------------------------ optimisation
     num_iterations: int = _help("Iterations (optimizer steps) to train for; the paper trains 10k-15k, most of the effect comes by 2k-4k.", 10000)
-    learning_rate: float = _help("Learning rate of AdamW (constant after the optional warmup).", 5e-5)
-    lr_warmup_iterations: int = _help("Iterations of linear learning-rate warmup from 0 (0: constant rate).", 0)
+    learning_rate: float = _help("Peak learning rate of AdamW (reached after the optional warmup).", 5e-5)
+    lr_warmup_iterations: int = _help("Iterations of linear learning-rate warmup from 0 (0: no warmup).", 0)
+    lr_schedule: str = _help(
+        "After the warmup: 'constant' keeps learning_rate; 'cosine' decays it along a half cosine to "
+        "lr_final_ratio x learning_rate at the last iteration.",
+        "constant",
+    )
+    lr_final_ratio: float = _help("With lr_schedule='cosine': the final learning rate as a fraction of learning_rate.", 0.0)
     adam_beta1: float = _help("AdamW beta1: decay of the running mean of the gradients.", 0.9)
     adam_beta2: float = _help("AdamW beta2: decay of the running mean of the squared gradients.", 0.999)
     adam_epsilon: float = _help("AdamW epsilon: added to the denominator for numerical stability.", 1e-8)
@@ -327,7 +334,8 @@ class FairTrainingConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        for name, allowed in (("mixed_precision", MIXED_PRECISION), ("dft_mode", DFT_MODES),
+        _check_unit_interval("lr_final_ratio", self.lr_final_ratio)
+        for name, allowed in (("mixed_precision", MIXED_PRECISION), ("dft_mode", DFT_MODES), ("lr_schedule", LR_SCHEDULES),
                               ("sampler", SAMPLERS), ("log_with", TRACKERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -442,14 +450,7 @@ def load_prompt_sets(path: str | Path) -> list[PromptSet]:
     targets in :meth:`TargetDistribution.parse` syntax), or a plain list of prompt strings.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"prompt set file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"prompt set file {path} is not valid JSON: {error}") from None
-    except OSError as error:  # a folder, no permission
-        raise ValueError(f"prompt set file {path} cannot be read: {error.strerror or error}") from None
+    data = read_json(path, "prompt set file")
     if not isinstance(data, list) or not data:
         raise ValueError(f"prompt set file {path} must hold a non-empty JSON list")
     if all(isinstance(item, str) for item in data):

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .adaptors import update_fair_adaptor_metadata
 from .config import FairTrainingConfig
 from .pipeline import load_fair_adaptor
 from .targets import TargetDistribution
@@ -193,10 +194,10 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
         "minutes": round((time.time() - started) / 60, 2),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    # Save again with the measured held-out bias, which the model card and the index then show.
-    trainer.save_adaptor(out / "adaptor", name=experiment.name, overwrite=True,
-                         metrics_before={f"held_out_bias/{a}": v for a, v in report["before"].items()},
-                         metrics_after={f"held_out_bias/{a}": v for a, v in report["after"].items()})
+    # The measured held-out bias goes into the model card and the metadata (which the index shows).
+    update_fair_adaptor_metadata(out / "adaptor",
+                                 metrics_before={f"held_out_bias/{a}": v for a, v in report["before"].items()},
+                                 metrics_after={f"held_out_bias/{a}": v for a, v in report["after"].items()})
     write_markdown(out, report)
     plot_bias(out, report)
     plot_shares(out, before, after, report["debiased"])

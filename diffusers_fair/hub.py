@@ -38,6 +38,7 @@ from .adaptors import (
     looks_like_repo_id,
     read_fair_adaptor,
 )
+from .jsonfile import read_json
 
 INDEX_DIR = Path(__file__).parent / "adaptors_index"
 INDEX_PATH = INDEX_DIR / "index.json"
@@ -141,12 +142,7 @@ def _entry_from_dict(name: str, data: dict, source: Path) -> IndexEntry:
 def load_index(path: str | Path | None = None) -> dict[str, IndexEntry]:
     """Read and validate the adaptor index (default: the one shipped with the package)."""
     path = Path(path) if path is not None else INDEX_PATH
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"the adaptor index {path} is missing (a broken installation?)") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"the adaptor index {path} is not valid JSON: {error}") from None
+    data = read_json(path, "the adaptor index", missing=f"the adaptor index {path} is missing (a broken installation?)")
     if not isinstance(data, dict):
         raise ValueError(f"the adaptor index {path} must hold a JSON object")
     if data.get("format_version") != INDEX_FORMAT_VERSION:

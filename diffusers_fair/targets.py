@@ -22,7 +22,6 @@ Examples::
 from __future__ import annotations
 
 import itertools
-import math
 import numbers
 import re
 from collections.abc import Mapping, Sequence

@@ -48,6 +48,19 @@ class _NonFiniteBatch(Exception):
     """Raised inside an iteration whose classifier probabilities are NaN or infinite."""
 
 
+def learning_rate_at(iteration: int, config: FairTrainingConfig) -> float:
+    """The learning rate of iteration ``iteration`` (0-based): a linear warmup over ``lr_warmup_iterations``,
+    then constant or (``lr_schedule="cosine"``) a half-cosine decay to ``lr_final_ratio`` x the peak at the last iteration."""
+    warmup = config.lr_warmup_iterations
+    if iteration < warmup:
+        return config.learning_rate * (iteration + 1) / warmup
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    progress = (iteration - warmup) / max(1, config.num_iterations - 1 - warmup)
+    final = config.lr_final_ratio
+    return config.learning_rate * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
 def ema_decay_at(update: int, decay: float, warmup: bool) -> float:
     """EMA decay of update number ``update`` (0 for the first): ``min(decay, (1 + s) / (10 + s))``
     with warmup (0 at the first update, which copies the weights), else ``decay``."""
@@ -335,8 +348,7 @@ class DistributionalAlignmentTrainer:
         return draw
 
     def _learning_rate(self, iteration: int) -> float:
-        warmup = self.config.lr_warmup_iterations
-        return self.config.learning_rate * (min(1.0, (iteration + 1) / warmup) if warmup else 1.0)
+        return learning_rate_at(iteration, self.config)
 
     def train_step(self) -> dict:
         """Run one iteration (one optimizer step); return its log record."""
@@ -514,7 +526,33 @@ class DistributionalAlignmentTrainer:
         return FairAdaptorMetadata.for_pipeline(self.pipeline, name=name, base_model=self.config.base_model, **fields)
 
     def save_adaptor(self, folder: str | Path, *, name: str = "fair-adaptor", overwrite: bool = False, **metadata_fields):
-        """Save the EMA weights as a fair adaptor (``adaptors.save_fair_adaptor``); returns its metadata."""
+        """Save the EMA weights as a fair adaptor (``adaptors.save_fair_adaptor``).
+
+        Call it on every process: the main process writes, the others wait until the folder is
+        complete. Returns the written metadata on the main process, ``None`` on the others.
+        """
+        written = None
+        if self.accelerator.is_main_process:
+            written = self._write_adaptor(folder, name, overwrite, metadata_fields)
+        self.accelerator.wait_for_everyone()
+        return written
+
+    def push_to_hub(self, repo_id: str, *, name: str = "fair-adaptor", **push_kwargs):
+        """Save the adaptor to a temporary folder and upload it to the Hub repo ``repo_id``.
+
+        Call it on every process: the main process uploads and returns the commit, the others return ``None``.
+        """
+        from .hub import push_adaptor
+
+        result = None
+        if self.accelerator.is_main_process:
+            with tempfile.TemporaryDirectory() as folder:
+                self._write_adaptor(folder, name, False, {})
+                result = push_adaptor(folder, repo_id, **push_kwargs)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _write_adaptor(self, folder, name: str, overwrite: bool, metadata_fields: dict):
         from .adaptors import save_fair_adaptor
 
         metadata = self.adaptor_metadata(name, **metadata_fields)
@@ -526,14 +564,6 @@ class DistributionalAlignmentTrainer:
                 soft_tokens=self.ema["soft_tokens"].cpu() if self.soft_token_names else None,
                 soft_token=self.config.soft_token_prefix,
             )
-
-    def push_to_hub(self, repo_id: str, *, name: str = "fair-adaptor", **push_kwargs):
-        """Save the adaptor to a temporary folder and upload it to the Hub repo ``repo_id``."""
-        from .hub import push_adaptor
-
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_adaptor(folder, name=name)
-            return push_adaptor(folder, repo_id, **push_kwargs)
 
 
 def plot_loss_curve(log_file: str | Path, png_file: str | Path) -> Path | None:

@@ -43,6 +43,7 @@ from pathlib import Path
 from diffusers_fair.components.stable_diffusion import SD15ComponentSettings
 from diffusers_fair.config import FairTrainingConfig, PromptSet, resolve_prompt_sets
 from diffusers_fair.evaluation import read_prompts
+from diffusers_fair.jsonfile import read_json
 from diffusers_fair.targets import TargetDistribution
 
 EXPERIMENT_KEYS = ("name", "description", "targets", "prompts", "training", "components", "evaluation")
@@ -126,12 +127,7 @@ def read_experiment(path: str | Path, overrides: dict | None = None) -> Experime
     zero-shot prompts; MobileNet files that exist), and that each enabled loss has its model.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+    data = read_json(path, "config file")
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a JSON object")
     unknown = sorted(set(data) - set(EXPERIMENT_KEYS))
@@ -244,14 +240,13 @@ def train(experiment: Experiment, *, pipeline=None, components=None):
     trainer = DistributionalAlignmentTrainer(config, pipeline, None, experiment.prompt_sets, components)
     trainer.train()
     folder = adaptor_folder(experiment)
+    trainer.save_adaptor(folder, name=experiment.name, overwrite=True, description=experiment.description,
+                         license=ADAPTOR_LICENSE)
     if trainer.accelerator.is_main_process:
-        trainer.save_adaptor(folder, name=experiment.name, overwrite=True, description=experiment.description,
-                             license=ADAPTOR_LICENSE)
         print(f"saved the adaptor to {folder}")
         command = eval_command(experiment)
         if command:
             print(f"audit it with the evaluation classifier:\n  {command}")
-    trainer.accelerator.wait_for_everyone()
     return trainer
 
 

@@ -7,6 +7,7 @@ reference outputs computed with forward hooks) are shared with the other adaptor
 import copy
 import hashlib
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,6 +32,7 @@ from diffusers_fair.adaptors import (
     save_fair_adaptor,
     target_from_dict,
     target_to_dict,
+    update_fair_adaptor_metadata,
 )
 from diffusers_fair.targets import TargetDistribution
 from diffusers_fair.toy.architecture import (
@@ -303,6 +305,25 @@ def test_model_card_has_base_model_and_eval_results(pipe, tmp_path):
     assert "| bias_gender | 0.600 | 0.125 |" in card.text
     digest = json.loads((tmp_path / METADATA_NAME).read_text())["files"][LORA_WEIGHT_NAME]
     assert digest in card.text
+
+
+def test_update_metadata_rewrites_card_and_metadata_but_not_the_weights(pipe, tmp_path):
+    written, *_ = save_random_adaptor(tmp_path, pipe, soft_tokens=2)
+    weights = {name: (tmp_path / name).read_bytes() for name in written.files}
+    updated = update_fair_adaptor_metadata(tmp_path, metrics_after={"bias_gender": 0.05}, eval_prompts="20 words")
+    assert updated == replace(written, metrics_after={"bias_gender": 0.05}, eval_prompts="20 words")
+    assert read_fair_adaptor(tmp_path).metadata == updated
+    assert {name: (tmp_path / name).read_bytes() for name in written.files} == weights
+    assert "| bias_gender | 0.600 | 0.050 |" in ModelCard.load(tmp_path / CARD_NAME).text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*written.files, METADATA_NAME, CARD_NAME])
+    with pytest.raises(ValueError, match="can be updated"):
+        update_fair_adaptor_metadata(tmp_path, files={})
+    with pytest.raises(ValueError, match="metrics_after"):
+        update_fair_adaptor_metadata(tmp_path, metrics_after={"bias_gender": "low"})
+    assert read_fair_adaptor(tmp_path).metadata == updated  # a rejected update changes nothing
+    (tmp_path / LORA_WEIGHT_NAME).write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        update_fair_adaptor_metadata(tmp_path, eval_prompts="x")
 
 
 # --------------------------------------------------------------------------- validation

@@ -34,12 +34,6 @@ from diffusers_fair.pipeline import (
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    """An untouched tiny pipeline whose layers give the shapes of random adaptors."""
-    return tiny_pipeline(0)
-
-
-@pytest.fixture(scope="module")
 def adaptors(tmp_path_factory):
     """Adaptor folders with random weights for the tiny pipeline: te LoRA (two), te+unet LoRA, soft tokens, both."""
     root = tmp_path_factory.mktemp("adaptors")

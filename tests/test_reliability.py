@@ -34,12 +34,6 @@ from diffusers_fair.pipeline import load_fair_adaptor, unload_fair_adaptor
 from diffusers_fair.targets import TargetDistribution
 
 
-@pytest.fixture(scope="module")
-def shapes():
-    """An untouched tiny pipeline whose layers give the shapes of random adaptors."""
-    return tiny_pipeline(0)
-
-
 # --------------------------------------------------------------------------- targets and configs
 def test_probabilities_must_be_numbers():
     for value in (None, "0.5", True):

@@ -26,7 +26,7 @@ from diffusers_fair.config import FairTrainingConfig, PromptSet, derive_seed, dr
 from diffusers_fair.targets import TargetDistribution
 from diffusers_fair.toy import architecture, world
 from diffusers_fair.toy.tokenizer import build_tokenizer
-from diffusers_fair.trainer import DistributionalAlignmentTrainer, ema_decay_at
+from diffusers_fair.trainer import DistributionalAlignmentTrainer, ema_decay_at, learning_rate_at
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = {"gender": ["male", "female"], "race": ["a", "b", "c", "d"], "age": ["young", "old"]}
@@ -184,6 +184,8 @@ def test_toy_preset_and_overrides():
     ("mixed_precision", "fp8", "mixed_precision"),
     ("dft_mode", "exact", "dft_mode"),
     ("sampler", "pndm", "sampler"),
+    ("lr_schedule", "linear", "lr_schedule"),
+    ("lr_final_ratio", 1.5, "lr_final_ratio"),
     ("log_with", "mlflow", "log_with"),
     ("num_iterations", 2.5, "num_iterations"),
     ("train_unet_lora", 1, "train_unet_lora"),
@@ -339,6 +341,27 @@ def test_ema_follows_the_formula(tmp_path):
     for name, p in trainer.params.items():
         expected = 0.5 * (0.5 * start[name] + 0.5 * first[name]) + 0.5 * p.detach()
         torch.testing.assert_close(trainer.ema[name], expected)
+
+
+def test_learning_rate_schedules():
+    constant = FairTrainingConfig(learning_rate=1e-3, lr_warmup_iterations=4, num_iterations=20)
+    assert [learning_rate_at(i, constant) for i in (0, 1, 3, 4, 19)] == pytest.approx([2.5e-4, 5e-4, 1e-3, 1e-3, 1e-3])
+    cosine = FairTrainingConfig(learning_rate=1e-3, lr_warmup_iterations=4, num_iterations=20,
+                                lr_schedule="cosine", lr_final_ratio=0.1)
+    # warmup as before, then a half cosine from the peak (iteration 4) to 0.1 x peak (iteration 19)
+    for i in range(4, 20):
+        progress = (i - 4) / 15
+        expected = 1e-3 * (0.1 + 0.9 * (1 + math.cos(math.pi * progress)) / 2)
+        assert learning_rate_at(i, cosine) == pytest.approx(expected)
+    assert learning_rate_at(11.5, cosine) == pytest.approx(1e-3 * 0.55)  # halfway: the mean of peak and end
+    assert learning_rate_at(19, cosine) == pytest.approx(1e-4)
+
+
+def test_the_optimizer_uses_the_scheduled_rate(tmp_path):
+    trainer = make_trainer(tmp_path, lr_schedule="cosine", lr_final_ratio=0.25, num_iterations=2)
+    records = [trainer.train_step() for _ in range(2)]
+    assert [r["lr"] for r in records] == pytest.approx([trainer.config.learning_rate, 0.25 * trainer.config.learning_rate])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.25 * trainer.config.learning_rate)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffusers_fair import checkpointing
+from diffusers_fair.adaptors import read_fair_adaptor
 from test_trainer import ROOT, make_trainer
 
 WORKER = """
@@ -36,6 +37,7 @@ if kill_at is not None:
 
     trainer.train_step = train_step
 trainer.train()
+trainer.save_adaptor(tmp / "adaptor", name="worker")  # every process calls it; the main one writes
 if trainer.accelerator.is_main_process:
     torch.save({{n: p.detach().clone() for n, p in trainer.params.items()}}, tmp / "params.pt")
 """
@@ -69,6 +71,7 @@ def test_two_processes_train_like_one(tmp_path):
         assert a["batch_distribution"] == b["batch_distribution"]
         for key in ("loss", "dal", "semantics", "face_realism"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    assert read_fair_adaptor(tmp_path / "adaptor").metadata.name == "worker"
     params = torch.load(tmp_path / "params.pt", weights_only=True)
     for name, p in single.params.items():
         # Adam divides by the gradients' magnitude, so round-off in near-zero gradients can move a
