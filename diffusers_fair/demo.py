@@ -46,7 +46,9 @@ class DemoSettings:
         images_per_prompt: images generated per training iteration (the batch the loss aligns).
         images_per_word: images per held-out word in each audit.
         num_words: how many held-out words to audit (the first ones of the held-out split).
-        learning_rate: AdamW learning rate of the trained weights.
+        learning_rate: peak AdamW learning rate of the trained weights.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (see ``FairTrainingConfig.lr_schedule``).
+        lr_final_ratio: with ``"cosine"``, the last iteration's learning rate as a fraction of the peak.
         seed: seeds the training draws and the audit noise.
     """
 
@@ -55,6 +57,8 @@ class DemoSettings:
     images_per_word: int = 32
     num_words: int = 20
     learning_rate: float = 4e-3
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.1
     seed: int = 0
 
     @classmethod
@@ -152,7 +156,8 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
     components = load_toy_components()
     run_settings = {
         "num_iterations": settings.iterations, "images_per_prompt": settings.images_per_prompt,
-        "micro_batch_size": settings.images_per_prompt, "learning_rate": settings.learning_rate, "seed": settings.seed,
+        "micro_batch_size": settings.images_per_prompt, "learning_rate": settings.learning_rate,
+        "lr_schedule": settings.lr_schedule, "lr_final_ratio": settings.lr_final_ratio, "seed": settings.seed,
         "output_dir": str(out / "training"), "checkpoint_every": 0, "sample_every": 0,
     }
     config = FairTrainingConfig.toy(**{**run_settings, **experiment.trainable})

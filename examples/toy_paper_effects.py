@@ -119,20 +119,20 @@ def main(argv=None) -> dict[str, dict]:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.iterations is not None:
         settings.iterations = args.iterations
-    chosen = {name: e for name, e in experiments().items() if args.only is None or name in args.only}
+    chosen = {name: experiments()[name] for name in args.only} if args.only else experiments()  # in the order asked
     args.out.mkdir(parents=True, exist_ok=True)
 
     print("auditing the base model once for all runs", flush=True)
     before = audit_base_model(settings, load_toy_components())
     reports = {}
+    merged = json.loads(summary.read_text()) if summary.exists() else {}
     for name, experiment in chosen.items():
         print(f"=== {name}: {experiment.title}", flush=True)
-        reports[name] = run_experiment(args.out / name, experiment, settings, before=before)
-    previous = json.loads(summary.read_text()) if summary.exists() else {}
-    merged = {**previous, **reports}
-    summary.write_text(json.dumps(merged, indent=2) + "\n")
-    (args.out / "summary.md").write_text(summary_markdown(merged))
-    plot_summary(merged, args.out / "summary.png")
+        reports[name] = merged[name] = run_experiment(args.out / name, experiment, settings, before=before)
+        # The summary is rewritten after every run, so an interrupted series keeps what it measured.
+        summary.write_text(json.dumps(merged, indent=2) + "\n")
+        (args.out / "summary.md").write_text(summary_markdown(merged))
+        plot_summary(merged, args.out / "summary.png")
     print(summary_markdown(merged))
     return reports
 

@@ -358,3 +358,20 @@ def test_shipped_model_follows_the_training_skews(pipe, components):
     assert result.summary[slots["gender"]].mean_bias >= 0.5
     for s in result.summary.values():
         assert s.correlation >= 0.75
+
+
+def test_base_training_weights_the_face_box():
+    from diffusers_fair.toy.train_base import face_weights
+
+    portraits = render(random_traits(4, np.random.default_rng(0)), np.random.default_rng(1))
+    weights = face_weights(portraits.boxes, 16, 3.0)
+    assert weights.shape == (4, 1, 16, 16)
+    torch.testing.assert_close(weights.mean(dim=(1, 2, 3)), torch.ones(4))
+    for n, (x0, y0, x1, y1) in enumerate(portraits.boxes):
+        for i in range(16):
+            for j in range(16):  # latent cell (i, j) covers image pixels [2j, 2j + 2) x [2i, 2i + 2)
+                inside = x0 <= 2 * j + 1 <= x1 and y0 <= 2 * i + 1 <= y1
+                assert (weights[n, 0, i, j] > weights[n, 0].min()) == inside
+        inside = weights[n, 0] > weights[n, 0].min()
+        assert weights[n, 0][inside].max() / weights[n, 0].min() == pytest.approx(4.0)
+    torch.testing.assert_close(face_weights(portraits.boxes, 16, 0.0), torch.ones(4, 1, 16, 16))

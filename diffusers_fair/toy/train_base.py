@@ -11,6 +11,8 @@ Two stages, each checkpointed under ``--out`` (a rerun continues where it stoppe
    a curriculum that mixes prompts naming the traits explicitly (annealed from 80% to 50% of the
    batch) with the concept-word prompts, 10% empty prompts (for classifier-free guidance), the text
    encoder at 3x the U-Net's learning rate, and an EMA of the weights (decay 0.995).
+   ``--face-weight`` (extra denoising-loss weight inside the face box) and ``--final-explicit`` are
+   options that the shipped model does not use (docs/TOY_WORLD.md reports a run with them).
 
 The result is a stock ``StableDiffusionPipeline`` folder (``--out/pipeline``), which is what
 ``diffusers_fair/toy/model`` ships. On 2 CPU cores with one thread: about 1.3 s per step at batch 64.
@@ -135,6 +137,22 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> None:
     pipe.save_pretrained(folder)
 
 
+def face_weights(boxes: np.ndarray, size: int, face_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights on a ``size`` x ``size`` latent grid: ``1 + face_weight`` inside each face box, 1 elsewhere.
+
+    ``boxes`` are the renderer's ``(N, 4)`` face boxes in image pixels; the weights are normalised to mean 1
+    per image so that the loss keeps its scale.
+    """
+    scale = size / architecture.IMAGE_SIZE
+    centres = (np.arange(size) + 0.5) / scale
+    b = boxes[:, :, None]
+    inside_x = (centres[None, None, :] >= b[:, 0:1]) & (centres[None, None, :] <= b[:, 2:3])
+    inside_y = (centres[None, None, :] >= b[:, 1:2]) & (centres[None, None, :] <= b[:, 3:4])
+    mask = inside_y[:, 0, :, None] & inside_x[:, 0, None, :]
+    weights = 1.0 + face_weight * torch.from_numpy(mask.astype(np.float32))
+    return (weights / weights.mean(dim=(1, 2), keepdim=True))[:, None]
+
+
 def learning_rate_factor(step: int, steps: int, decay_start: int | None) -> float:
     """Linear warm-up over 200 steps, constant, then (from ``decay_start``) a cosine decay to 0.1 at ``steps``."""
     factor = min(1.0, step / 200)
@@ -154,6 +172,8 @@ def train_diffusion(
     checkpoint_every: int,
     decay_start: int | None = None,
     anneal_steps: int = 1200,
+    final_explicit: float = 0.5,
+    face_weight: float = 0.0,
 ) -> None:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(world.vocabulary())
@@ -185,9 +205,10 @@ def train_diffusion(
     t0 = time.time()
     running = []
     for step in range(start_step + 1, steps + 1):
-        explicit = 0.8 - 0.3 * min(1.0, step / anneal_steps)
+        explicit = 0.8 - (0.8 - final_explicit) * min(1.0, step / anneal_steps)
         prompts, traits = sampler.batch(batch, explicit)
-        images = to_model_range(render(traits, rng).images)
+        portraits = render(traits, rng)
+        images = to_model_range(portraits.images)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
@@ -199,7 +220,10 @@ def train_diffusion(
         for group, base in zip(opt.param_groups, (lr, 3 * lr)):
             group["lr"] = base * factor
         pred = unet(noisy, t, encode_prompts(tokenizer, text_encoder, prompts)).sample
-        loss = F.mse_loss(pred, target)
+        if face_weight:
+            loss = (face_weights(portraits.boxes, pred.shape[-1], face_weight) * (pred - target) ** 2).mean()
+        else:
+            loss = F.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
@@ -233,7 +257,9 @@ def main(argv=None):
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--decay-start", type=int, default=2250, help="step at which the cosine learning-rate decay starts")
-    parser.add_argument("--anneal-steps", type=int, default=1200, help="steps over which explicit prompts go from 80%% to 50%%")
+    parser.add_argument("--anneal-steps", type=int, default=1200, help="steps over which explicit prompts go from 80%% to --final-explicit")
+    parser.add_argument("--final-explicit", type=float, default=0.5, help="share of explicit trait prompts after the anneal")
+    parser.add_argument("--face-weight", type=float, default=0.0, help="extra denoising-loss weight inside the face box (0: unweighted)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -243,7 +269,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     vae = train_vae(args.out, args.vae_steps, args.vae_batch, args.seed)
-    train_diffusion(args.out, vae, args.steps, args.batch, args.seed + 1, args.lr, args.checkpoint_every, args.decay_start, args.anneal_steps)
+    train_diffusion(
+        args.out, vae, args.steps, args.batch, args.seed + 1, args.lr, args.checkpoint_every,
+        args.decay_start, args.anneal_steps, args.final_explicit, args.face_weight,
+    )
 
 
 if __name__ == "__main__":
