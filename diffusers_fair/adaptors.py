@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from .lora_state import check_lora_shapes, lora_state_and_config, lora_summary
 from .targets import TargetDistribution
 
 FORMAT_VERSION = 1
@@ -280,100 +281,6 @@ class FairAdaptorMetadata:
             raise ValueError(f"{METADATA_NAME} is incomplete: {error}") from None
 
 
-# --------------------------------------------------------------------------- LoRA state dicts
-def _lora_state_and_config(lora, config, component: str) -> tuple[dict, dict]:
-    """Normalise a LoRA given as a peft-wrapped module or as a state dict + config.
-
-    Returns ``(state_dict, config_dict)``: keys are module paths ending in ``lora_A.weight`` /
-    ``lora_B.weight`` without any component prefix (text-encoder keys start with
-    ``text_model.``), tensors are detached CPU copies, and the config is ``LoraConfig.to_dict()``.
-    """
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    if isinstance(lora, torch.nn.Module):
-        if config is not None:
-            raise ValueError(f"{component}_lora_config is read from the module; pass it only with a state dict")
-        peft_config = getattr(lora, "peft_config", None)
-        if not peft_config:
-            raise ValueError(f"the {component} module has no peft LoRA adapter")
-        if len(peft_config) != 1:
-            raise ValueError(
-                f"the {component} module has several adapters {sorted(peft_config)}; pass the state dict "
-                f"of one (peft.get_peft_model_state_dict) and its LoraConfig"
-            )
-        adapter, config = next(iter(peft_config.items()))
-        state = get_peft_model_state_dict(lora, adapter_name=adapter)
-    elif isinstance(lora, Mapping):
-        if config is None:
-            raise ValueError(f"a {component} LoRA state dict needs its LoraConfig ({component}_lora_config=)")
-        state = dict(lora)
-    else:
-        raise ValueError(f"{component}_lora must be a peft-wrapped module or a state dict, got {type(lora).__name__}")
-
-    if isinstance(config, Mapping):
-        try:
-            config = LoraConfig(**config)
-        except TypeError as error:
-            raise ValueError(f"{component} LoRA config is not a valid LoraConfig: {error}") from None
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"{component} LoRA config must be a peft LoraConfig, got {type(config).__name__}")
-    if getattr(config, "use_dora", False):
-        raise ValueError(f"{component}: DoRA adapters are not supported")
-    if not state:
-        raise ValueError(f"the {component} LoRA state dict is empty")
-
-    clean = {}
-    for key, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{component} LoRA entry {key!r} is not a tensor")
-        for prefix in ("base_model.model.", f"{component}."):
-            key = key.removeprefix(prefix)
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ValueError(
-                f"{component} LoRA key {key!r} is not a peft LoRA weight (expected '<module>.lora_A.weight' or "
-                f"'<module>.lora_B.weight'; use peft.get_peft_model_state_dict, not model.state_dict())"
-            )
-        if component == "text_encoder" and not key.startswith("text_model."):
-            key = "text_model." + key
-        clean[key] = tensor.detach().to("cpu").contiguous().clone()
-
-    modules = sorted({key.rsplit(".", 2)[0] for key in clean})
-    for module in modules:
-        a, b = clean.get(f"{module}.lora_A.weight"), clean.get(f"{module}.lora_B.weight")
-        if a is None or b is None:
-            raise ValueError(f"{component} LoRA layer {module!r} lacks its lora_A or lora_B weight")
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{component} LoRA layer {module!r} has inconsistent shapes {tuple(a.shape)}, {tuple(b.shape)}")
-        if not config.rank_pattern and a.shape[0] != config.r:
-            raise ValueError(f"{component} LoRA layer {module!r} has rank {a.shape[0]}, its config says r={config.r}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValueError(f"{component} LoRA layer {module!r} has NaN or infinite weights")
-    return clean, config.to_dict()
-
-
-def _lora_summary(state: dict, config: dict) -> dict:
-    modules = sorted({key.rsplit(".", 2)[0] for key in state})
-    targets = config.get("target_modules")
-    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
-    return {
-        "rank": int(config["r"]),
-        "alpha": float(config["lora_alpha"]),
-        "target_modules": targets,
-        "num_layers": len(modules),
-    }
-
-
-def _check_lora_shapes(component: str, state: dict, expected: int, what: str) -> None:
-    """Text-encoder q/k/v inputs have the hidden size; U-Net cross-attention k/v inputs the context size."""
-    if component == "text_encoder":
-        pattern = re.compile(r"self_attn\.(q|k|v)_proj\.lora_A\.weight$")
-    else:
-        pattern = re.compile(r"attn2\.to_(k|v)\.lora_A\.weight$")
-    for key, tensor in state.items():
-        if pattern.search(key) and tensor.shape[1] != expected:
-            raise ValueError(f"{component} LoRA {key!r} takes inputs of size {tensor.shape[1]}, metadata says {what}={expected}")
-
-
 # --------------------------------------------------------------------------- saving
 def save_fair_adaptor(
     folder: str | Path,
@@ -415,13 +322,13 @@ def save_fair_adaptor(
 
     loras = {}
     if text_encoder_lora is not None:
-        loras["text_encoder"] = _lora_state_and_config(text_encoder_lora, text_encoder_lora_config, "text_encoder")
-        _check_lora_shapes("text_encoder", loras["text_encoder"][0], metadata.text_hidden_size, "text_hidden_size")
+        loras["text_encoder"] = lora_state_and_config(text_encoder_lora, text_encoder_lora_config, "text_encoder")
+        check_lora_shapes("text_encoder", loras["text_encoder"][0], metadata.text_hidden_size, "text_hidden_size")
     elif text_encoder_lora_config is not None:
         raise ValueError("text_encoder_lora_config given without text_encoder_lora")
     if unet_lora is not None:
-        loras["unet"] = _lora_state_and_config(unet_lora, unet_lora_config, "unet")
-        _check_lora_shapes("unet", loras["unet"][0], metadata.cross_attention_dim, "cross_attention_dim")
+        loras["unet"] = lora_state_and_config(unet_lora, unet_lora_config, "unet")
+        check_lora_shapes("unet", loras["unet"][0], metadata.cross_attention_dim, "cross_attention_dim")
     elif unet_lora_config is not None:
         raise ValueError("unet_lora_config given without unet_lora")
 
@@ -513,7 +420,7 @@ def _write_adaptor_files(folder: Path, metadata, loras: dict, soft_tokens, soft_
         kind=kind,
         soft_token=soft_token if soft_tokens is not None else None,
         token_names=token_names,
-        lora={component: _lora_summary(*loras[component]) for component in loras},
+        lora={component: lora_summary(*loras[component]) for component in loras},
         files=files,
         library_versions=_library_versions(),
     )
