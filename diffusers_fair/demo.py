@@ -52,8 +52,8 @@ class DemoSettings:
         seed: seeds the training draws and the audit noise.
     """
 
-    iterations: int = 100
-    images_per_prompt: int = 8
+    iterations: int = 70
+    images_per_prompt: int = 16
     images_per_word: int = 32
     num_words: int = 20
     learning_rate: float = 4e-3

@@ -3,6 +3,7 @@
     python examples/toy_paper_effects.py --out results/toy                  # all runs, ~10-15 min each
     python examples/toy_paper_effects.py --out results/toy --only gender race
     python examples/toy_paper_effects.py --out /tmp/toy --quick --only gender  # a smoke run
+    python examples/toy_paper_effects.py --out results/seeds --only gender-race --seeds 0 1 2
 
 Every run is the demo's procedure (``diffusers_fair.demo.run_experiment``) with other targets or
 other trained weights: audit the base model on the held-out words, train on the training words,
@@ -15,12 +16,18 @@ script then writes ``OUT/summary.md`` and ``OUT/summary.json`` with one row per 
 * ``gender-race-age``: Table 5, both uniform and hair colour (the age slot) at 75% dark / 25% grey;
 * ``soft-tokens``: the gender slot with 5 soft tokens and no LoRA;
 * ``unet-lora``: the gender slot with a U-Net LoRA instead of a text-encoder LoRA.
+
+``--seeds`` repeats each run with other seeds (the training draws and the audit noise; the base
+model is audited once per seed) into ``OUT/<name>/seed<k>/``; the summary then adds the mean and
+standard deviation over the seeds of each targeted attribute's after / before ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -72,6 +79,37 @@ def summary_markdown(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_statistics(reports: dict[str, dict]) -> dict[str, dict]:
+    """Mean and standard deviation over seeds, per experiment, of each targeted attribute's held-out
+    bias after / before and of the grey share after. Runs are grouped by their ``experiment`` name;
+    a single run gets a standard deviation of 0."""
+    groups: dict[str, list[dict]] = {}
+    for report in reports.values():
+        groups.setdefault(report["experiment"], []).append(report)
+    out = {}
+    for experiment, runs in groups.items():
+        ratios = {a: [r["after"][a] / r["before"][a] for r in runs] for a in runs[0]["debiased"]}
+        grey = [r["shares_after"]["hair_colour"]["grey"] for r in runs]
+        out[experiment] = {
+            "seeds": [r["settings"]["seed"] for r in runs],
+            "ratio_mean": {a: statistics.fmean(v) for a, v in ratios.items()},
+            "ratio_std": {a: statistics.pstdev(v) for a, v in ratios.items()},
+            "grey_mean": statistics.fmean(grey),
+            "grey_std": statistics.pstdev(grey),
+        }
+    return out
+
+
+def seed_markdown(reports: dict[str, dict]) -> str:
+    """The table of :func:`seed_statistics`: held-out bias after / before, mean ± std over seeds."""
+    lines = ["| experiment | seeds | targeted: after / before (mean ± std) | grey share after |", "|---|---|---|---|"]
+    for experiment, s in seed_statistics(reports).items():
+        ratios = ", ".join(f"{a} {s['ratio_mean'][a]:.2f} ± {s['ratio_std'][a]:.2f}" for a in s["ratio_mean"])
+        lines.append(f"| {experiment} | {', '.join(map(str, s['seeds']))} | {ratios} | "
+                     f"{s['grey_mean']:.2f} ± {s['grey_std']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_summary(reports: dict[str, dict], path: Path) -> None:
     """Held-out bias before (hatched) and after each run, one group of bars per run and attribute."""
     import matplotlib
@@ -106,35 +144,47 @@ def main(argv=None) -> dict[str, dict]:
     parser.add_argument("--only", nargs="+", choices=list(experiments()), help="run only these experiments")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke run, not a result)")
     parser.add_argument("--iterations", type=int, help="override the demo's training iterations")
+    parser.add_argument("--seeds", type=int, nargs="+", help="repeat each run with these seeds (default: the demo's seed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary-only", action="store_true", help="rewrite the summary files from summary.json")
     args = parser.parse_args(argv)
     summary = args.out / "summary.json"
     if args.summary_only:
         merged = json.loads(summary.read_text())
-        (args.out / "summary.md").write_text(summary_markdown(merged))
-        plot_summary(merged, args.out / "summary.png")
+        write_summary(merged, args.out)
         return merged
     torch.set_num_threads(args.threads)
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.iterations is not None:
         settings.iterations = args.iterations
+    seeds = args.seeds or [settings.seed]
     chosen = {name: experiments()[name] for name in args.only} if args.only else experiments()  # in the order asked
     args.out.mkdir(parents=True, exist_ok=True)
 
-    print("auditing the base model once for all runs", flush=True)
-    before = audit_base_model(settings, load_toy_components())
     reports = {}
     merged = json.loads(summary.read_text()) if summary.exists() else {}
-    for name, experiment in chosen.items():
-        print(f"=== {name}: {experiment.title}", flush=True)
-        reports[name] = merged[name] = run_experiment(args.out / name, experiment, settings, before=before)
-        # The summary is rewritten after every run, so an interrupted series keeps what it measured.
-        summary.write_text(json.dumps(merged, indent=2) + "\n")
-        (args.out / "summary.md").write_text(summary_markdown(merged))
-        plot_summary(merged, args.out / "summary.png")
-    print(summary_markdown(merged))
+    for seed in seeds:
+        seeded = replace(settings, seed=seed)
+        print(f"auditing the base model once for all runs (seed {seed})", flush=True)
+        before = audit_base_model(seeded, load_toy_components())
+        for name, experiment in chosen.items():
+            key, folder = (name, args.out / name) if args.seeds is None else (f"{name}/seed{seed}", args.out / name / f"seed{seed}")
+            print(f"=== {key}: {experiment.title}", flush=True)
+            reports[key] = merged[key] = run_experiment(folder, experiment, seeded, before=before)
+            # The summary is rewritten after every run, so an interrupted series keeps what it measured.
+            summary.write_text(json.dumps(merged, indent=2) + "\n")
+            write_summary(merged, args.out)
+    print((args.out / "summary.md").read_text())
     return reports
+
+
+def write_summary(reports: dict[str, dict], out: Path) -> None:
+    """``summary.md`` (one row per run; with several seeds of a run, also their mean) and ``summary.png``."""
+    text = summary_markdown(reports)
+    if len({r["settings"]["seed"] for r in reports.values()}) > 1:
+        text += "\nHeld-out bias after / before over seeds:\n\n" + seed_markdown(reports)
+    (out / "summary.md").write_text(text)
+    plot_summary(reports, out / "summary.png")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,25 @@ def test_paper_effects_define_each_experiment():
     assert age.prob("grey") == pytest.approx(0.25)
     assert runs["soft-tokens"].trainable == {"train_text_encoder_lora": False, "num_soft_tokens": 5}
     assert runs["unet-lora"].trainable["train_unet_lora"] is True
+
+
+def test_seed_statistics_average_each_experiment_over_its_seeds():
+    script = load("toy_paper_effects")
+
+    def report(experiment, seed, after_hair, after_skin, grey):
+        return {"experiment": experiment, "settings": {"seed": seed}, "debiased": ["hair_length", "skin_tone"],
+                "before": {"hair_length": 0.8, "skin_tone": 0.4, "hair_colour": 0.7},
+                "after": {"hair_length": after_hair, "skin_tone": after_skin, "hair_colour": 0.5},
+                "shares_after": {"hair_colour": {"dark": 1 - grey, "grey": grey}}}
+
+    reports = {"gr/seed0": report("toy-gr", 0, 0.2, 0.1, 0.3), "gr/seed1": report("toy-gr", 1, 0.4, 0.2, 0.5),
+               "other": report("toy-other", 0, 0.8, 0.4, 0.2)}
+    stats = script.seed_statistics(reports)
+    assert stats["toy-gr"]["seeds"] == [0, 1]
+    assert stats["toy-gr"]["ratio_mean"] == pytest.approx({"hair_length": 0.375, "skin_tone": 0.375})
+    # Population standard deviation of (0.25, 0.5) and of (0.25, 0.5): 0.125.
+    assert stats["toy-gr"]["ratio_std"] == pytest.approx({"hair_length": 0.125, "skin_tone": 0.125})
+    assert stats["toy-gr"]["grey_mean"] == pytest.approx(0.4)
+    assert stats["toy-other"]["ratio_std"] == {"hair_length": 0.0, "skin_tone": 0.0}
+    table = script.seed_markdown(reports)
+    assert "| toy-gr | 0, 1 | hair_length 0.38 ± 0.12, skin_tone 0.38 ± 0.12 | 0.40 ± 0.10 |" in table

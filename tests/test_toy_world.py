@@ -310,6 +310,33 @@ def test_audit_recovers_the_skews_of_a_pipeline_that_follows_them(components):
     assert "hair_length (gender)" in result.to_markdown()
 
 
+def test_audit_draws_independent_noise_per_word_and_the_same_noise_per_seed(components):
+    from diffusers_fair.audit import noise_seed
+
+    class RecordingPipeline(RenderingPipeline):
+        def __init__(self):
+            super().__init__()
+            self.latents = {}
+
+        def __call__(self, prompts, latents, **kwargs):
+            self.latents.setdefault(prompts[0], []).append(latents.clone())
+            return super().__call__(prompts, latents, **kwargs)
+
+    words = world.words("occupation", "test")[:2]
+    first, second = RecordingPipeline(), RecordingPipeline()
+    audit_pipeline(first, words, 6, components, seed=3, batch_size=4)
+    audit_pipeline(second, words, 6, components, seed=3, batch_size=6)
+    prompts = [world.prompt(w) for w in words]
+    noise = {p: torch.cat(first.latents[p]) for p in prompts}
+    # Image i of a prompt starts from its own generator seeded by (seed, prompt, i), whatever the batch.
+    for p in prompts:
+        for i in range(6):
+            expected = torch.randn((4, 16, 16), generator=torch.Generator().manual_seed(noise_seed(3, p, i)))
+            assert torch.equal(noise[p][i], expected)
+        assert torch.equal(torch.cat(second.latents[p]), noise[p])
+    assert not torch.allclose(noise[prompts[0]], noise[prompts[1]])
+
+
 # ------------------------------------------------------------------------------------------------
 # The shipped base model
 # ------------------------------------------------------------------------------------------------

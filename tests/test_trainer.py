@@ -159,10 +159,16 @@ def test_every_config_field_is_explained_here_and_in_the_docs():
 
 def test_toy_preset_and_overrides():
     c = FairTrainingConfig.toy(num_iterations=7)
-    assert (c.images_per_prompt, c.min_inference_steps, c.max_inference_steps, c.guidance_scale) == (8, 10, 12, 4.0)
+    assert (c.images_per_prompt, c.min_inference_steps, c.max_inference_steps, c.guidance_scale) == (16, 10, 12, 4.0)
     assert c.text_encoder_lora_rank == 8 and 1e-3 <= c.learning_rate <= 5e-3 and c.num_iterations == 7
     assert c.mixed_precision == "no" and c.dal_threshold == 0.5
     c.validate()
+    # The preset is the demo's run.
+    from diffusers_fair.demo import DemoSettings
+
+    demo, preset = DemoSettings(), FairTrainingConfig.toy()
+    assert (preset.num_iterations, preset.images_per_prompt, preset.learning_rate) == (
+        demo.iterations, demo.images_per_prompt, demo.learning_rate)
     with pytest.raises(ValueError, match="unknown FairTrainingConfig fields"):
         FairTrainingConfig.toy(num_iteratons=3)
 

@@ -14,9 +14,12 @@ skew (``data/world.json``), it tells whether the base model learned the biases i
     python -m diffusers_fair.toy.audit --model FOLDER --split test --images-per-word 32 --out DIR
 
 writes ``audit.json``, ``audit.md`` (tables) and one bar chart per attribute (``audit_<attr>.png``).
-Every word is generated from the same noise (image ``i`` of each word starts from the same latent),
-so that differences between words, or between two models audited with the same seed, come from
-the text and the weights rather than from the draw.
+Noise is drawn as in the real audit (:func:`diffusers_fair.audit.initial_noise`): image ``i`` of a
+prompt starts from a latent seeded by ``(seed, prompt, i)``. Two models audited with the same seed
+therefore start every image from the same latent, so that their differences come from the weights;
+different words get independent noise, so that the mean over words averages independent draws
+(with one noise shared by all words, the words' errors would move together and the mean bias of a
+balanced model would swing with the seed by as much as a single word's).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..audit import initial_noise
 from ..evaluation import bias_metric
 from . import world
 from .components import ToyComponents, face_crops
@@ -150,12 +154,11 @@ def _device(components: ToyComponents) -> torch.device:
     return next(components.classifier.parameters()).device
 
 
-def initial_latents(pipe, num: int, seed: int) -> torch.Tensor:
-    """``num`` seeded starting latents for ``pipe`` (the same for every word)."""
+def initial_latents(pipe, prompt: str, num: int, seed: int) -> torch.Tensor:
+    """``num`` starting latents for ``prompt`` on ``pipe``'s U-Net, seeded per image by ``(seed, prompt, i)``."""
     unet = pipe.unet
     size = unet.config.sample_size
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn((num, unet.config.in_channels, size, size), generator=gen)
+    return initial_noise(seed, prompt, num, (unet.config.in_channels, size, size))
 
 
 @torch.no_grad()
@@ -220,7 +223,7 @@ def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, co
     Args:
         pipe: a ``StableDiffusionPipeline`` (e.g. the toy model, with or without a fair adaptor).
         words: toy-world words (``world.Word`` or their names).
-        images_per_word: images per word; every word starts from the same ``seed``-ed latents.
+        images_per_word: images per word; image ``i`` of a word starts from the latent seeded by ``(seed, prompt, i)``.
         components: the toy components (``load_toy_components()``).
         keep_images: keep the generated images in the result (e.g. to compare two models image by image).
 
@@ -234,11 +237,10 @@ def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, co
     if not words:
         raise ValueError("no words to audit")
     pipe.set_progress_bar_config(disable=True)
-    latents = initial_latents(pipe, images_per_word, seed)
     audits, kept = [], []
     for word in tqdm(words, desc="audit", mininterval=5):
         prompt = world.prompt(word)
-        images = generate(pipe, prompt, latents, guidance_scale=guidance_scale,
+        images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_word, seed), guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, batch_size=batch_size)
         found, classes = classify_images(images.to(_device(components)), components)
         found = found.cpu()
@@ -270,13 +272,13 @@ def explicit_prompt_agreement(pipe, components: ToyComponents, images_per_prompt
     generated images, and the model's obedience to explicit prompts.
     """
     pipe.set_progress_bar_config(disable=True)
-    latents = initial_latents(pipe, images_per_prompt, seed)
     device = _device(components)
     out = {}
     for name, classes in TRAITS.items():
         hits = 0
         for index, value in enumerate(classes):
-            images = generate(pipe, world.explicit_prompt(**{name: value}), latents, guidance_scale=guidance_scale,
+            prompt = world.explicit_prompt(**{name: value})
+            images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_prompt, seed), guidance_scale=guidance_scale,
                               num_inference_steps=num_inference_steps, batch_size=batch_size)
             found, predicted = classify_images(images.to(device), components)
             hits += int(((predicted[name] == index) & found).sum())
