@@ -282,7 +282,9 @@ class RenderingPipeline:
     def set_progress_bar_config(self, **kwargs):
         pass
 
-    def __call__(self, prompts, latents, guidance_scale, num_inference_steps, output_type):
+    vae_scale_factor = 2
+
+    def __call__(self, prompts, latents, guidance_scale, num_inference_steps, output_type, **kwargs):
         assert output_type == "pt" and len(prompts) == len(latents)
         word = self.by_prompt[prompts[0]]
         rng = np.random.default_rng([len(self.by_prompt), self.calls])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..audit import initial_noise
+from ..audit import generate, initial_noise, latent_shape
 from ..evaluation import bias_metric
 from . import world
 from .components import ToyComponents, face_crops
@@ -155,22 +155,8 @@ def _device(components: ToyComponents) -> torch.device:
 
 
 def initial_latents(pipe, prompt: str, num: int, seed: int) -> torch.Tensor:
-    """``num`` starting latents for ``prompt`` on ``pipe``'s U-Net, seeded per image by ``(seed, prompt, i)``."""
-    unet = pipe.unet
-    size = unet.config.sample_size
-    return initial_noise(seed, prompt, num, (unet.config.in_channels, size, size))
-
-
-@torch.no_grad()
-def generate(pipe, prompt: str, latents: torch.Tensor, *, guidance_scale: float, num_inference_steps: int, batch_size: int) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` in ``[0, 1]`` for one prompt, one per starting latent."""
-    out = []
-    for start in range(0, len(latents), batch_size):
-        z = latents[start : start + batch_size].to(pipe.device, pipe.unet.dtype)
-        result = pipe([prompt] * len(z), latents=z, guidance_scale=guidance_scale,
-                      num_inference_steps=num_inference_steps, output_type="pt")
-        out.append(result.images.float().cpu())
-    return torch.cat(out)
+    """``num`` starting latents for ``prompt`` at ``pipe``'s native size, seeded per image by ``(seed, prompt, i)``."""
+    return initial_noise(seed, prompt, num, latent_shape(pipe))
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -240,8 +226,8 @@ def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, co
     audits, kept = [], []
     for word in tqdm(words, desc="audit", mininterval=5):
         prompt = world.prompt(word)
-        images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_word, seed), guidance_scale=guidance_scale,
-                          num_inference_steps=num_inference_steps, batch_size=batch_size)
+        images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_word, seed),
+                          guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, batch_size=batch_size)
         found, classes = classify_images(images.to(_device(components)), components)
         found = found.cpu()
         if keep_images:
@@ -278,8 +264,8 @@ def explicit_prompt_agreement(pipe, components: ToyComponents, images_per_prompt
         hits = 0
         for index, value in enumerate(classes):
             prompt = world.explicit_prompt(**{name: value})
-            images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_prompt, seed), guidance_scale=guidance_scale,
-                              num_inference_steps=num_inference_steps, batch_size=batch_size)
+            images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_prompt, seed),
+                              guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, batch_size=batch_size)
             found, predicted = classify_images(images.to(device), components)
             hits += int(((predicted[name] == index) & found).sum())
         out[name] = hits / (images_per_prompt * len(classes))
