@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -404,3 +406,50 @@ def test_base_training_weights_the_face_box():
         inside = weights[n, 0] > weights[n, 0].min()
         assert weights[n, 0][inside].max() / weights[n, 0].min() == pytest.approx(4.0)
     torch.testing.assert_close(face_weights(portraits.boxes, 16, 0.0), torch.ones(4, 1, 16, 16))
+
+
+def test_trait_head_loss_is_the_sum_of_per_trait_cross_entropies_and_is_smallest_at_the_word_distribution():
+    from diffusers_fair.toy.train_base import make_trait_head, trait_head_loss
+
+    head = make_trait_head()
+    assert head.out_features == sum(len(c) for c in TRAITS.values()) == 8
+    rng = np.random.default_rng(0)
+    traits = {t: rng.integers(len(c), size=6) for t, c in TRAITS.items()}
+    logits = torch.randn(6, 8, dtype=torch.float64)
+    expected, start = 0.0, 0
+    for t, classes in TRAITS.items():
+        log_p = logits[:, start : start + len(classes)].log_softmax(-1)
+        expected += -np.mean([log_p[i, traits[t][i]].item() for i in range(6)])
+        start += len(classes)
+    assert trait_head_loss(logits, traits).item() == pytest.approx(expected, rel=1e-12)
+
+    # Ten images of one word (one prompt, so one row of logits for all): the loss is lowest when the
+    # softmax equals the word's distribution.
+    probs = {"hair_length": [0.8, 0.2], "skin_tone": [0.1, 0.6, 0.2, 0.1], "hair_colour": [0.7, 0.3]}
+    drawn = {t: np.repeat(np.arange(len(p)), np.round(np.array(p) * 10).astype(int)) for t, p in probs.items()}
+    exact = torch.log(torch.tensor([x for p in probs.values() for x in p], dtype=torch.float64)).expand(10, 8)
+    best = trait_head_loss(exact, drawn).item()
+    for _ in range(20):
+        assert trait_head_loss(exact + 0.3 * torch.randn(1, 8, dtype=torch.float64), drawn).item() > best
+
+
+def test_base_training_continues_from_a_pipeline_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_fair.toy import model_path
+    from diffusers_fair.toy.train_base import main
+
+    out = tmp_path / "run"
+    main(["--out", str(out), "--init-from", str(model_path()), "--steps", "1", "--batch", "4",
+          "--trait-head-weight", "0.1", "--checkpoint-every", "1"])
+    assert json.loads((out / "state.json").read_text()) == {"step": 1}
+    state = safetensors.torch.load_file(out / "state.safetensors")
+    assert {k.split(".")[0] for k in state} == {"unet", "text", "ema_unet", "ema_text", "head"}
+    shipped = safetensors.torch.load_file(Path(model_path()) / "unet" / "diffusion_pytorch_model.safetensors")
+    name = next(iter(shipped))
+    # One optimizer step at a warm-up learning rate moves the weights a little from the shipped ones.
+    assert not torch.equal(state["unet." + name], shipped[name])
+    torch.testing.assert_close(state["unet." + name], shipped[name], atol=1e-3, rtol=0)
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    assert pipe.vae.config.scaling_factor == pytest.approx(
+        json.loads((Path(model_path()) / "vae" / "config.json").read_text())["scaling_factor"])

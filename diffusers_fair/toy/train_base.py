@@ -11,8 +11,11 @@ Two stages, each checkpointed under ``--out`` (a rerun continues where it stoppe
    a curriculum that mixes prompts naming the traits explicitly (annealed from 80% to 50% of the
    batch) with the concept-word prompts, 10% empty prompts (for classifier-free guidance), the text
    encoder at 3x the U-Net's learning rate, and an EMA of the weights (decay 0.995).
-   ``--face-weight`` (extra denoising-loss weight inside the face box) and ``--final-explicit`` are
-   options that the shipped model does not use (docs/TOY_WORLD.md reports a run with them).
+   ``--face-weight`` (extra denoising-loss weight inside the face box), ``--final-explicit`` and
+   ``--trait-head-weight`` (an auxiliary linear head on the pooled text embedding that predicts each
+   image's traits, so that the text encoder carries every word's skews) are further options;
+   ``--init-from`` continues from a saved pipeline instead of starting from scratch.
+   docs/TOY_WORLD.md says which of them the shipped model used.
 
 The result is a stock ``StableDiffusionPipeline`` folder (``--out/pipeline``), which is what
 ``diffusers_fair/toy/model`` ships. On 2 CPU cores with one thread: about 1.3 s per step at batch 64.
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -118,9 +121,29 @@ class PromptSampler:
         return prompts, traits
 
 
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoder's hidden states (what the U-Net attends to) and its pooled output."""
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    out = text_encoder(ids)
+    return out[0], out[1]
+
+
+def make_trait_head() -> torch.nn.Linear:
+    """A linear layer from the pooled text embedding to one logit per trait class (all traits side by side)."""
+    return torch.nn.Linear(architecture.TEXT_HIDDEN, sum(len(classes) for classes in TRAITS.values()))
+
+
+def trait_head_loss(logits: torch.Tensor, traits: dict[str, np.ndarray]) -> torch.Tensor:
+    """Sum over traits of the cross-entropy between the head's logits and the rendered image's traits.
+
+    Each image is drawn from its prompt's trait distribution, so the loss is smallest when the head's
+    softmax equals that distribution: the pooled embedding must carry every word's skews linearly.
+    """
+    loss, start = logits.new_zeros(()), 0
+    for trait, classes in TRAITS.items():
+        loss = loss + F.cross_entropy(logits[:, start : start + len(classes)], torch.from_numpy(traits[trait]))
+        start += len(classes)
+    return loss
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -174,22 +197,34 @@ def train_diffusion(
     anneal_steps: int = 1200,
     final_explicit: float = 0.5,
     face_weight: float = 0.0,
+    initial_explicit: float = 0.8,
+    trait_head_weight: float = 0.0,
+    init_from: Path | None = None,
 ) -> None:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(world.vocabulary())
-    text_encoder = architecture.make_text_encoder(tokenizer)
-    unet = architecture.make_unet()
+    if init_from is None:
+        text_encoder = architecture.make_text_encoder(tokenizer)
+        unet = architecture.make_unet()
+    else:
+        text_encoder = CLIPTextModel.from_pretrained(init_from / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(init_from / "unet")
     ema_text, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
-    opt = torch.optim.AdamW(
-        [{"params": unet.parameters(), "lr": lr}, {"params": text_encoder.parameters(), "lr": 3 * lr}], weight_decay=0.01
-    )
+    text_params = list(text_encoder.parameters())
+    modules = [("unet.", unet), ("text.", text_encoder), ("ema_unet.", ema_unet), ("ema_text.", ema_text)]
+    trait_head = None
+    if trait_head_weight:
+        trait_head = make_trait_head()
+        text_params += list(trait_head.parameters())
+        modules.append(("head.", trait_head))
+    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": lr}, {"params": text_params, "lr": 3 * lr}], weight_decay=0.01)
     state_file = out / "state.safetensors"
     start_step = 0
     rng = np.random.default_rng(seed)
     if state_file.exists():
         state = load_file(state_file)
         meta = json.loads((out / "state.json").read_text())
-        for prefix, module in [("unet.", unet), ("text.", text_encoder), ("ema_unet.", ema_unet), ("ema_text.", ema_text)]:
+        for prefix, module in modules:
             module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         opt_state = torch.load(out / "optimizer.pt", weights_only=True)
         opt.load_state_dict(opt_state)
@@ -205,7 +240,7 @@ def train_diffusion(
     t0 = time.time()
     running = []
     for step in range(start_step + 1, steps + 1):
-        explicit = 0.8 - (0.8 - final_explicit) * min(1.0, step / anneal_steps)
+        explicit = initial_explicit - (initial_explicit - final_explicit) * min(1.0, step / anneal_steps)
         prompts, traits = sampler.batch(batch, explicit)
         portraits = render(traits, rng)
         images = to_model_range(portraits.images)
@@ -219,25 +254,30 @@ def train_diffusion(
         factor = learning_rate_factor(step, steps, decay_start)
         for group, base in zip(opt.param_groups, (lr, 3 * lr)):
             group["lr"] = base * factor
-        pred = unet(noisy, t, encode_prompts(tokenizer, text_encoder, prompts)).sample
+        hidden, pooled = encode_prompts(tokenizer, text_encoder, prompts)
+        pred = unet(noisy, t, hidden).sample
         if face_weight:
             loss = (face_weights(portraits.boxes, pred.shape[-1], face_weight) * (pred - target) ** 2).mean()
         else:
             loss = F.mse_loss(pred, target)
+        head_loss = trait_head_loss(trait_head(pooled), traits) if trait_head else torch.zeros(())
+        loss = loss + trait_head_weight * head_loss
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], 1.0)
         opt.step()
         ema_update(ema_unet, unet, 0.995)
         ema_update(ema_text, text_encoder, 0.995)
-        running.append(loss.item())
+        running.append((loss.item(), head_loss.item()))
         if step % 25 == 0:
             rate = (time.time() - t0) / (step - start_step)
-            print(f"step {step}/{steps} loss {np.mean(running):.4f} explicit {explicit:.2f} {rate:.2f}s/step", flush=True)
+            mean_loss, mean_head = np.mean(running, axis=0)
+            head = f" trait head {mean_head:.3f}" if trait_head else ""
+            print(f"step {step}/{steps} loss {mean_loss:.4f}{head} explicit {explicit:.2f} {rate:.2f}s/step", flush=True)
             running = []
         if step % checkpoint_every == 0 or step == steps:
             state = {}
-            for prefix, module in [("unet.", unet), ("text.", text_encoder), ("ema_unet.", ema_unet), ("ema_text.", ema_text)]:
+            for prefix, module in modules:
                 state.update({prefix + k: v.contiguous() for k, v in module.state_dict().items()})
             save_file(state, out / "state.tmp")
             torch.save(opt.state_dict(), out / "optimizer.tmp")
@@ -260,6 +300,15 @@ def main(argv=None):
     parser.add_argument("--anneal-steps", type=int, default=1200, help="steps over which explicit prompts go from 80%% to --final-explicit")
     parser.add_argument("--final-explicit", type=float, default=0.5, help="share of explicit trait prompts after the anneal")
     parser.add_argument("--face-weight", type=float, default=0.0, help="extra denoising-loss weight inside the face box (0: unweighted)")
+    parser.add_argument("--initial-explicit", type=float, default=0.8, help="share of explicit trait prompts at step 0")
+    parser.add_argument(
+        "--trait-head-weight", type=float, default=0.0,
+        help="weight of an auxiliary loss: a linear head on the pooled text embedding predicts each image's traits (0: off)",
+    )
+    parser.add_argument(
+        "--init-from", type=Path, default=None,
+        help="start from this pipeline folder's autoencoder, text encoder and U-Net instead of from scratch",
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--checkpoint-every", type=int, default=250)
@@ -268,10 +317,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    vae = train_vae(args.out, args.vae_steps, args.vae_batch, args.seed)
+    if args.init_from is None:
+        vae = train_vae(args.out, args.vae_steps, args.vae_batch, args.seed)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.init_from / "vae")
+        vae.save_pretrained(args.out / "vae")
     train_diffusion(
         args.out, vae, args.steps, args.batch, args.seed + 1, args.lr, args.checkpoint_every,
         args.decay_start, args.anneal_steps, args.final_explicit, args.face_weight,
+        args.initial_explicit, args.trait_head_weight, args.init_from,
     )
 
 
