@@ -4,6 +4,7 @@
     python examples/toy_paper_effects.py --out results/toy --only gender race
     python examples/toy_paper_effects.py --out /tmp/toy --quick --only gender  # a smoke run
     python examples/toy_paper_effects.py --out results/seeds --only gender-race --seeds 0 1 2
+    python examples/toy_paper_effects.py --out results/cosine --only gender-race-age --lr-schedule cosine
 
 Every run is the demo's procedure (``diffusers_fair.demo.run_experiment``) with other targets or
 other trained weights: audit the base model on the held-out words, train on the training words,
@@ -144,6 +145,7 @@ def main(argv=None) -> dict[str, dict]:
     parser.add_argument("--only", nargs="+", choices=list(experiments()), help="run only these experiments")
     parser.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke run, not a result)")
     parser.add_argument("--iterations", type=int, help="override the demo's training iterations")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], help="override the demo's learning-rate schedule")
     parser.add_argument("--seeds", type=int, nargs="+", help="repeat each run with these seeds (default: the demo's seed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary-only", action="store_true", help="rewrite the summary files from summary.json")
@@ -157,6 +159,8 @@ def main(argv=None) -> dict[str, dict]:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     if args.iterations is not None:
         settings.iterations = args.iterations
+    if args.lr_schedule is not None:
+        settings.lr_schedule = args.lr_schedule
     seeds = args.seeds or [settings.seed]
     chosen = {name: experiments()[name] for name in args.only} if args.only else experiments()  # in the order asked
     args.out.mkdir(parents=True, exist_ok=True)

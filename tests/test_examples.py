@@ -68,3 +68,25 @@ def test_seed_statistics_average_each_experiment_over_its_seeds():
     assert stats["toy-other"]["ratio_std"] == {"hair_length": 0.0, "skin_tone": 0.0}
     table = script.seed_markdown(reports)
     assert "| toy-gr | 0, 1 | hair_length 0.38 ± 0.12, skin_tone 0.38 ± 0.12 | 0.40 ± 0.10 |" in table
+
+
+def test_paper_effects_pass_the_overridden_settings_to_each_run(tmp_path, monkeypatch):
+    script = load("toy_paper_effects")
+    seen = []
+
+    def fake_run(folder, experiment, settings, before):
+        seen.append((folder.relative_to(tmp_path).as_posix(), experiment.name, settings))
+        return {"settings": {"seed": settings.seed}}
+
+    monkeypatch.setattr(script, "audit_base_model", lambda settings, components: {"seed": settings.seed})
+    monkeypatch.setattr(script, "load_toy_components", lambda: None)
+    monkeypatch.setattr(script, "run_experiment", fake_run)
+    monkeypatch.setattr(script, "write_summary", lambda reports, out: (out / "summary.md").write_text("table\n"))
+    script.main(["--out", str(tmp_path), "--only", "gender-race-age", "gender", "--lr-schedule", "cosine",
+                 "--iterations", "5", "--seeds", "3"])
+    assert [(folder, name) for folder, name, _ in seen] == [
+        ("gender-race-age/seed3", "toy-gender-race-age"), ("gender/seed3", "toy-gender")]
+    for _, _, settings in seen:
+        assert (settings.lr_schedule, settings.iterations, settings.seed) == ("cosine", 5, 3)
+        assert settings.images_per_prompt == 16  # the rest stay the demo's
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"gender-race-age/seed3", "gender/seed3"}
