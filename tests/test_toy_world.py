@@ -387,8 +387,9 @@ def test_shipped_model_follows_the_training_skews(pipe, components):
                             guidance_scale=4.0, num_inference_steps=15, batch_size=32)
     slots = world.load_world()["slots"]
     assert result.summary[slots["gender"]].mean_bias >= 0.5
+    # The gate for a base model: every slot follows its per-word skews (0.958 / 0.937 / 0.974 measured).
     for s in result.summary.values():
-        assert s.correlation >= 0.75
+        assert s.correlation >= 0.9
 
 
 def test_base_training_weights_the_face_box():

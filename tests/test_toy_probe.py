@@ -1,0 +1,46 @@
+"""benchmarks/toy_text_probe.py: the ridge probe is exact on linear data; the shipped text encoder carries the skews."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "toy_text_probe.py"
+
+
+@pytest.fixture(scope="module")
+def probe_script():
+    spec = importlib.util.spec_from_file_location("toy_text_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ridge_fit_without_penalty_recovers_a_linear_map(probe_script):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 6)) * rng.uniform(0.5, 3.0, size=6) + rng.normal(size=6)
+    true_w, true_b = rng.normal(size=(6, 3)), rng.normal(size=3)
+    y = x @ true_w + true_b
+    weights, mean, scale = probe_script.ridge_fit(x, y, ridge=0.0)
+    z = (x - mean) / scale
+    np.testing.assert_allclose(np.hstack([z, np.ones((50, 1))]) @ weights, y, atol=1e-8)
+    # A penalty shrinks the weights but never the intercept, which stays the mean of y.
+    shrunk, _, _ = probe_script.ridge_fit(x, y, ridge=10.0)
+    assert np.abs(shrunk[:-1]).sum() < np.abs(weights[:-1]).sum()
+    np.testing.assert_allclose(shrunk[-1], y.mean(0), atol=1e-8)
+
+
+def test_skew_matrix_rows_are_distributions_per_trait(probe_script):
+    from diffusers_fair.toy import world
+    from diffusers_fair.toy.render import TRAITS
+
+    skews = probe_script.skew_matrix(world.words(split="test"))
+    assert skews.shape == (len(world.words(split="test")), sum(len(c) for c in TRAITS.values()))
+    assert skews.sum(1) == pytest.approx([len(TRAITS)] * len(skews))
+
+
+def test_shipped_text_encoder_carries_every_traits_held_out_skews(probe_script):
+    result = probe_script.probe(probe_script.model_path(), ridge=1e-2)
+    assert set(result) == {"hair_length", "skin_tone", "hair_colour"}
+    assert min(result.values()) >= 0.95, result
