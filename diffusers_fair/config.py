@@ -227,7 +227,7 @@ class FairTrainingConfig:
     def toy(cls, **overrides) -> FairTrainingConfig:
         """Settings for the toy world (32x32 images, a ~4M-parameter U-Net, a CPU): the demo's run.
 
-        70 iterations of 16 images per prompt in one micro-batch, 10-12 steps, guidance 4, a rank-8
+        140 iterations of 16 images per prompt in one micro-batch, 10-12 steps, guidance 4, a rank-8
         text-encoder LoRA at a higher learning rate, a faster EMA, float32, and a DAL confidence of
         0.5. Sixteen images per prompt rather than eight: the batch-level targets are finer, and on
         the toy world skin tone's held-out bias falls further in the same time (docs/RESULTS.md). The
@@ -247,7 +247,7 @@ class FairTrainingConfig:
             micro_batch_size=16,
             ot_monte_carlo_samples=100,
             dal_threshold=0.5,
-            num_iterations=70,
+            num_iterations=140,
             learning_rate=4e-3,
             ema_decay=0.95,
             mixed_precision="no",

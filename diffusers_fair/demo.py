@@ -52,7 +52,7 @@ class DemoSettings:
         seed: seeds the training draws and the audit noise.
     """
 
-    iterations: int = 70
+    iterations: int = 140
     images_per_prompt: int = 16
     images_per_word: int = 32
     num_words: int = 20

@@ -31,6 +31,7 @@ def entry_for(run: Path, index: dict) -> tuple[str, dict]:
         "held_out_words": len(report["held_out_words"]),
         "images_per_word": report["settings"]["images_per_word"],
         "iterations": report["settings"]["iterations"],
+        "lr_schedule": report["settings"]["lr_schedule"],
     }
     files = sorted(p.name for p in (run / "adaptor").iterdir() if p.is_file())
     entry = {

@@ -90,3 +90,32 @@ def test_paper_effects_pass_the_overridden_settings_to_each_run(tmp_path, monkey
         assert (settings.lr_schedule, settings.iterations, settings.seed) == ("cosine", 5, 3)
         assert settings.images_per_prompt == 16  # the rest stay the demo's
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {"gender-race-age/seed3", "gender/seed3"}
+
+
+def test_ship_script_builds_the_index_entry_from_the_run(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "ship_toy_adaptors", Path(__file__).resolve().parent.parent / "scripts" / "ship_toy_adaptors.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = tmp_path / "gender"
+    (run / "adaptor").mkdir(parents=True)
+    (run / "adaptor" / "fair_adaptor.json").write_text(json.dumps({
+        "name": "toy-gender", "base_model": "diffusers-fair/toy", "kind": "lora",
+        "targets": [{"text": "hair_length: short=0.5, long=0.5"}]}))
+    (run / "adaptor" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    (run / "report.json").write_text(json.dumps({
+        "title": "uniform hair length",
+        "before": {"hair_length": 0.77549}, "after": {"hair_length": 0.38251},
+        "shares_before": {"hair_colour": {"grey": 0.2701}}, "shares_after": {"hair_colour": {"grey": 0.2864}},
+        "similarity": 0.92849, "held_out_words": ["a", "b"],
+        "settings": {"images_per_word": 32, "iterations": 140, "lr_schedule": "cosine"}}))
+    index = {"adaptors": {"toy-gender": {"description": "kept", "status": "remote", "metrics": {"old": 1}}}}
+    name, entry = script.entry_for(run, index)
+    assert name == "toy-gender"
+    assert entry["description"] == "kept" and entry["status"] == "local"
+    assert entry["targets"] == ["hair_length: short=0.5, long=0.5"]
+    assert entry["files"] == ["fair_adaptor.json", "pytorch_lora_weights.safetensors"]
+    assert entry["metrics"] == {
+        "held_out_bias_before": {"hair_length": 0.775}, "held_out_bias_after": {"hair_length": 0.383},
+        "grey_share_before": 0.27, "grey_share_after": 0.286, "similarity_to_base_images": 0.928,
+        "held_out_words": 2, "images_per_word": 32, "iterations": 140, "lr_schedule": "cosine"}
