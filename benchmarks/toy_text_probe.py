@@ -39,21 +39,29 @@ def pooled_embeddings(model: Path, words: list[world.Word]) -> np.ndarray:
     return text_encoder(ids).pooler_output.double().numpy()
 
 
+def _design(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Standardised inputs with a column of ones for the intercept."""
+    return np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
+
+
 def ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weights for standardised inputs (with the mean and scale used), solved in closed form."""
     mean, scale = x.mean(0), x.std(0) + 1e-8
-    z = (x - mean) / scale
-    z1 = np.hstack([z, np.ones((len(z), 1))])
-    penalty = ridge * len(z) * np.eye(z1.shape[1])
+    design = _design(x, mean, scale)
+    penalty = ridge * len(x) * np.eye(design.shape[1])
     penalty[-1, -1] = 0.0  # the intercept is not penalised
-    return np.linalg.solve(z1.T @ z1 + penalty, z1.T @ y), mean, scale
+    return np.linalg.solve(design.T @ design + penalty, design.T @ y), mean, scale
+
+
+def ridge_predict(fit: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray:
+    weights, mean, scale = fit
+    return _design(x, mean, scale) @ weights
 
 
 def probe(model: Path, ridge: float) -> dict[str, float]:
     train, test = world.words(split="train"), world.words(split="test")
-    weights, mean, scale = ridge_fit(pooled_embeddings(model, train), skew_matrix(train), ridge)
-    z = (pooled_embeddings(model, test) - mean) / scale
-    predicted = np.hstack([z, np.ones((len(z), 1))]) @ weights
+    fit = ridge_fit(pooled_embeddings(model, train), skew_matrix(train), ridge)
+    predicted = ridge_predict(fit, pooled_embeddings(model, test))
     true = skew_matrix(test)
     out, start = {}, 0
     for trait, classes in TRAITS.items():

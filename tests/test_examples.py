@@ -1,4 +1,4 @@
-"""The toy-world example scripts run end to end at a tiny size."""
+"""The toy-world example scripts run end to end at a tiny size; the adaptor ship script builds its index entries."""
 
 import importlib.util
 import json
@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+def load(name: str, folder: Path = EXAMPLES):
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -93,10 +94,7 @@ def test_paper_effects_pass_the_overridden_settings_to_each_run(tmp_path, monkey
 
 
 def test_ship_script_builds_the_index_entry_from_the_run(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "ship_toy_adaptors", Path(__file__).resolve().parent.parent / "scripts" / "ship_toy_adaptors.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load("ship_toy_adaptors", SCRIPTS)
     run = tmp_path / "gender"
     (run / "adaptor").mkdir(parents=True)
     (run / "adaptor" / "fair_adaptor.json").write_text(json.dumps({

@@ -22,9 +22,11 @@ def test_ridge_fit_without_penalty_recovers_a_linear_map(probe_script):
     x = rng.normal(size=(50, 6)) * rng.uniform(0.5, 3.0, size=6) + rng.normal(size=6)
     true_w, true_b = rng.normal(size=(6, 3)), rng.normal(size=3)
     y = x @ true_w + true_b
-    weights, mean, scale = probe_script.ridge_fit(x, y, ridge=0.0)
-    z = (x - mean) / scale
-    np.testing.assert_allclose(np.hstack([z, np.ones((50, 1))]) @ weights, y, atol=1e-8)
+    fit = probe_script.ridge_fit(x, y, ridge=0.0)
+    np.testing.assert_allclose(probe_script.ridge_predict(fit, x), y, atol=1e-8)
+    # On standardised inputs the weights are the true ones times each input's scale.
+    np.testing.assert_allclose(fit[0][:-1], true_w * x.std(0)[:, None], rtol=1e-6)
+    weights = fit[0]
     # A penalty shrinks the weights but never the intercept, which stays the mean of y.
     shrunk, _, _ = probe_script.ridge_fit(x, y, ridge=10.0)
     assert np.abs(shrunk[:-1]).sum() < np.abs(weights[:-1]).sum()
