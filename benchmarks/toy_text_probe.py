@@ -23,6 +23,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from diffusers_fair.toy import model_path, world
 from diffusers_fair.toy.audit import per_word_correlation
 from diffusers_fair.toy.render import TRAITS
+from diffusers_fair.toy.train_base import encode_prompts
 
 
 def skew_matrix(words: list[world.Word]) -> np.ndarray:
@@ -31,12 +32,12 @@ def skew_matrix(words: list[world.Word]) -> np.ndarray:
 
 
 @torch.no_grad()
-def pooled_embeddings(model: Path, words: list[world.Word]) -> np.ndarray:
+def pooled_embeddings(model: Path, *word_lists: list[world.Word]) -> list[np.ndarray]:
+    """The pooled text embedding of each word's prompt, one ``(words, hidden)`` array per list."""
     tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder").eval()
-    ids = tokenizer([world.prompt(w) for w in words], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids).pooler_output.double().numpy()
+    return [encode_prompts(tokenizer, text_encoder, [world.prompt(w) for w in words])[1].double().numpy()
+            for words in word_lists]
 
 
 def _design(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -60,8 +61,8 @@ def ridge_predict(fit: tuple[np.ndarray, np.ndarray, np.ndarray], x: np.ndarray)
 
 def probe(model: Path, ridge: float) -> dict[str, float]:
     train, test = world.words(split="train"), world.words(split="test")
-    fit = ridge_fit(pooled_embeddings(model, train), skew_matrix(train), ridge)
-    predicted = ridge_predict(fit, pooled_embeddings(model, test))
+    train_embeddings, test_embeddings = pooled_embeddings(model, train, test)
+    predicted = ridge_predict(ridge_fit(train_embeddings, skew_matrix(train), ridge), test_embeddings)
     true = skew_matrix(test)
     out, start = {}, 0
     for trait, classes in TRAITS.items():
