@@ -101,7 +101,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     parser.add_argument("--quick", action="store_true", help="a smaller run of a few minutes")
-    parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: 140, quick: 12)")
+    parser.add_argument("--iterations", type=int, default=None, help="training iterations (default: the toy preset's, quick: 12)")
 
 
 register("demo", _demo, help="audit, debias and re-audit the toy world's model (CPU, minutes)", add_arguments=_demo_arguments)

@@ -228,8 +228,8 @@ class FairTrainingConfig:
         """Settings for the toy world (32x32 images, a ~4M-parameter U-Net, a CPU): the demo's run.
 
         140 iterations of 16 images per prompt in one micro-batch, 10-12 steps, guidance 4, a rank-8
-        text-encoder LoRA at a higher learning rate, a faster EMA, float32, and a DAL confidence of
-        0.5. Sixteen images per prompt rather than eight: the batch-level targets are finer, and on
+        text-encoder LoRA at a higher learning rate (a cosine schedule, if chosen, ends at a tenth of
+        it), a faster EMA, float32, and a DAL confidence of 0.5. Sixteen images per prompt rather than eight: the batch-level targets are finer, and on
         the toy world skin tone's held-out bias falls further in the same time (docs/RESULTS.md). The
         confidence: with few images and four skin tones, the optimal-transport target of most
         images is spread over several classes (which of six pale faces of eight should stay pale is
@@ -249,6 +249,7 @@ class FairTrainingConfig:
             dal_threshold=0.5,
             num_iterations=140,
             learning_rate=4e-3,
+            lr_final_ratio=0.1,
             ema_decay=0.95,
             mixed_precision="no",
             max_grad_norm=10.0,

@@ -37,9 +37,14 @@ from .toy.render import TRAITS
 DEBIASED = ("hair_length", "skin_tone")
 
 
+def _toy_default(name: str):
+    """A dataclass field whose default is the toy preset's value of ``FairTrainingConfig.<name>``."""
+    return field(default_factory=lambda: getattr(FairTrainingConfig.toy(), name))
+
+
 @dataclass
 class DemoSettings:
-    """What the demo runs.
+    """What the demo runs. The training fields default to the toy preset (``FairTrainingConfig.toy()``).
 
     Attributes:
         iterations: training iterations (one prompt and ``images_per_prompt`` images each).
@@ -52,13 +57,13 @@ class DemoSettings:
         seed: seeds the training draws and the audit noise.
     """
 
-    iterations: int = 140
-    images_per_prompt: int = 16
+    iterations: int = _toy_default("num_iterations")
+    images_per_prompt: int = _toy_default("images_per_prompt")
     images_per_word: int = 32
     num_words: int = 20
-    learning_rate: float = 4e-3
-    lr_schedule: str = "constant"
-    lr_final_ratio: float = 0.1
+    learning_rate: float = _toy_default("learning_rate")
+    lr_schedule: str = _toy_default("lr_schedule")
+    lr_final_ratio: float = _toy_default("lr_final_ratio")
     seed: int = 0
 
     @classmethod

@@ -167,8 +167,9 @@ def test_toy_preset_and_overrides():
     from diffusers_fair.demo import DemoSettings
 
     demo, preset = DemoSettings(), FairTrainingConfig.toy()
-    assert (preset.num_iterations, preset.images_per_prompt, preset.learning_rate) == (
-        demo.iterations, demo.images_per_prompt, demo.learning_rate)
+    assert (preset.num_iterations, preset.images_per_prompt, preset.learning_rate, preset.lr_schedule,
+            preset.lr_final_ratio) == (demo.iterations, demo.images_per_prompt, demo.learning_rate,
+                                       demo.lr_schedule, demo.lr_final_ratio) == (140, 16, 4e-3, "constant", 0.1)
     with pytest.raises(ValueError, match="unknown FairTrainingConfig fields"):
         FairTrainingConfig.toy(num_iteratons=3)
 
