@@ -157,6 +157,20 @@ def test_every_config_field_is_explained_here_and_in_the_docs():
         assert f"`{f.name}`" in docs, f"docs/TRAINING.md does not describe {f.name}"
 
 
+def test_the_settings_table_shows_each_default_and_the_toy_presets_changes():
+    import dataclasses
+    import re
+
+    docs = (ROOT / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    default, toy = FairTrainingConfig(), FairTrainingConfig.toy()
+    for f in dataclasses.fields(FairTrainingConfig):
+        row = re.search(rf"^\| `{f.name}` \| (.*?) \| (.*?) \| ", docs, re.M)
+        assert row, f"docs/TRAINING.md has no settings row for {f.name}"
+        value, toy_value = getattr(default, f.name), getattr(toy, f.name)
+        assert row.group(1) == f"`{value!r}`", f.name
+        assert row.group(2) == (f"`{toy_value!r}`" if toy_value != value else ""), f.name
+
+
 def test_toy_preset_and_overrides():
     c = FairTrainingConfig.toy(num_iterations=7)
     assert (c.images_per_prompt, c.min_inference_steps, c.max_inference_steps, c.guidance_scale) == (16, 10, 12, 4.0)
