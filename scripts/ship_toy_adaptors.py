@@ -32,6 +32,7 @@ def entry_for(run: Path, index: dict) -> tuple[str, dict]:
         "images_per_word": report["settings"]["images_per_word"],
         "iterations": report["settings"]["iterations"],
         "lr_schedule": report["settings"]["lr_schedule"],
+        "weight_loss_img": metadata["training"]["weight_loss_img"],
     }
     files = sorted(p.name for p in (run / "adaptor").iterdir() if p.is_file())
     entry = {

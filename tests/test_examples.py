@@ -99,7 +99,7 @@ def test_ship_script_builds_the_index_entry_from_the_run(tmp_path):
     (run / "adaptor").mkdir(parents=True)
     (run / "adaptor" / "fair_adaptor.json").write_text(json.dumps({
         "name": "toy-gender", "base_model": "diffusers-fair/toy", "kind": "lora",
-        "targets": [{"text": "hair_length: short=0.5, long=0.5"}]}))
+        "targets": [{"text": "hair_length: short=0.5, long=0.5"}], "training": {"weight_loss_img": 2.0}}))
     (run / "adaptor" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     (run / "report.json").write_text(json.dumps({
         "title": "uniform hair length",
@@ -116,4 +116,5 @@ def test_ship_script_builds_the_index_entry_from_the_run(tmp_path):
     assert entry["metrics"] == {
         "held_out_bias_before": {"hair_length": 0.775}, "held_out_bias_after": {"hair_length": 0.383},
         "grey_share_before": 0.27, "grey_share_after": 0.286, "similarity_to_base_images": 0.928,
-        "held_out_words": 2, "images_per_word": 32, "iterations": 140, "lr_schedule": "cosine"}
+        "held_out_words": 2, "images_per_word": 32, "iterations": 140, "lr_schedule": "cosine",
+        "weight_loss_img": 2.0}
