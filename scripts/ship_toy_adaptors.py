@@ -30,8 +30,9 @@ def entry_for(run: Path, index: dict) -> tuple[str, dict]:
         "similarity_to_base_images": round(report["similarity"], 3),
         "held_out_words": len(report["held_out_words"]),
         "images_per_word": report["settings"]["images_per_word"],
-        "iterations": report["settings"]["iterations"],
-        "lr_schedule": report["settings"]["lr_schedule"],
+        # The trained settings, from the adaptor (an experiment may override the demo's settings).
+        "iterations": metadata["training"]["num_iterations"],
+        "lr_schedule": metadata["training"]["lr_schedule"],
         "weight_loss_img": metadata["training"]["weight_loss_img"],
     }
     files = sorted(p.name for p in (run / "adaptor").iterdir() if p.is_file())

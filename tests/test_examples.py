@@ -45,6 +45,9 @@ def test_paper_effects_define_each_experiment():
     assert runs["gender-race-age"].debiased == ["hair_length", "skin_tone", "hair_colour"]
     age = runs["gender-race-age"].targets[2]
     assert age.prob("grey") == pytest.approx(0.25)
+    # Table 5 keeps the paper's image-semantics weight and decays the learning rate; the rest use the preset's.
+    assert runs["gender-race-age"].trainable == {"weight_loss_img": 8.0, "lr_schedule": "cosine"}
+    assert all("weight_loss_img" not in runs[name].trainable for name in runs if name != "gender-race-age")
     assert runs["soft-tokens"].trainable == {"train_text_encoder_lora": False, "num_soft_tokens": 5}
     assert runs["unet-lora"].trainable["train_unet_lora"] is True
 
@@ -99,14 +102,16 @@ def test_ship_script_builds_the_index_entry_from_the_run(tmp_path):
     (run / "adaptor").mkdir(parents=True)
     (run / "adaptor" / "fair_adaptor.json").write_text(json.dumps({
         "name": "toy-gender", "base_model": "diffusers-fair/toy", "kind": "lora",
-        "targets": [{"text": "hair_length: short=0.5, long=0.5"}], "training": {"weight_loss_img": 2.0}}))
+        "targets": [{"text": "hair_length: short=0.5, long=0.5"}],
+        "training": {"weight_loss_img": 2.0, "num_iterations": 140, "lr_schedule": "cosine"}}))
     (run / "adaptor" / "pytorch_lora_weights.safetensors").write_bytes(b"x")
     (run / "report.json").write_text(json.dumps({
         "title": "uniform hair length",
         "before": {"hair_length": 0.77549}, "after": {"hair_length": 0.38251},
         "shares_before": {"hair_colour": {"grey": 0.2701}}, "shares_after": {"hair_colour": {"grey": 0.2864}},
         "similarity": 0.92849, "held_out_words": ["a", "b"],
-        "settings": {"images_per_word": 32, "iterations": 140, "lr_schedule": "cosine"}}))
+        # The settings the demo was given; the experiment overrode two of them (the adaptor has the trained ones).
+        "settings": {"images_per_word": 32, "iterations": 70, "lr_schedule": "constant"}}))
     index = {"adaptors": {"toy-gender": {"description": "kept", "status": "remote", "metrics": {"old": 1}}}}
     name, entry = script.entry_for(run, index)
     assert name == "toy-gender"
