@@ -20,8 +20,8 @@ setup(
             "toy/*",
             "toy/**/*",
             "components/models/*",
-            "adaptors_index/*",
-            "adaptors_index/**/*",
+            "adaptors/shipped/*",
+            "adaptors/shipped/**/*",
         ],
     },
     install_requires=[

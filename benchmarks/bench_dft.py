@@ -41,7 +41,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 from peft import LoraConfig
 
-from diffusers_fair.dft import adjusted_backward, sample_latents
+from diffusers_fair.method.dft import adjusted_backward, sample_latents
 
 MODES = ("two_pass", "one_graph", "naive")
 SCHEMES = ("official", "ours")

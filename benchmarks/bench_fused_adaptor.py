@@ -37,8 +37,9 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from tqdm import tqdm
 
-from diffusers_fair.adaptors import FairAdaptorMetadata, save_fair_adaptor
-from diffusers_fair.pipeline import load_fair_adaptor
+from diffusers_fair.adaptors.metadata import FairAdaptorMetadata
+from diffusers_fair.adaptors.format import save_fair_adaptor
+from diffusers_fair.adaptors.pipeline import load_fair_adaptor
 from diffusers_fair.toy import world
 from diffusers_fair.toy.architecture import (
     IMAGE_SIZE,

@@ -28,7 +28,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
-from diffusers_fair.dft import adjusted_backward, sample_latents
+from diffusers_fair.method.dft import adjusted_backward, sample_latents
 
 
 class LoRALinear(torch.nn.Module):

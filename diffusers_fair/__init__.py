@@ -4,36 +4,45 @@ Distributional alignment of generated images toward a target distribution of pro
 attributes (gender, race, age, and their intersections), with adjusted direct finetuning of the
 sampling chain; results ship as small adaptors loadable with Hugging Face diffusers.
 
-The training, pipeline and adaptor names (``DistributionalAlignmentTrainer``,
-``FairFinetunePipeline``, ``save_fair_adaptor``, ...) are imported lazily: ``import diffusers_fair``
-stays fast, and a name is loaded from its module (with torch, diffusers, peft) on first use.
+The method's names (targets, alignment, the adjusted backward, the bias metric) are imported
+here; the training, pipeline and adaptor names (``DistributionalAlignmentTrainer``,
+``FairFinetunePipeline``, ``save_fair_adaptor``, ...) are loaded lazily from their subpackages on
+first use, so that ``import diffusers_fair`` stays fast.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
-from .alignment import (
+from .evaluation.metrics import bias_metric, mean_std
+from .method.alignment import (
     distributional_alignment_loss,
     dynamic_targets,
     expected_ot_targets,
     kept_cross_entropy,
     marginalize,
 )
-from .evaluation import bias_metric, mean_std
-from .targets import TargetDistribution
+from .method.dft import adjusted_backward
+from .method.targets import TargetDistribution
+from .version import __version__
 
 _LAZY = {
-    "DistributionalAlignmentTrainer": "trainer",
-    "FairTrainingConfig": "config",
-    "PromptSet": "config",
-    "load_prompt_sets": "config",
-    "FairFinetunePipeline": "pipeline",
-    "load_fair_adaptor": "pipeline",
-    "unload_fair_adaptor": "pipeline",
-    "save_fair_adaptor": "adaptors",
-    "FairAdaptorMetadata": "adaptors",
+    "DistributionalAlignmentTrainer": "training.trainer",
+    "FairTrainingConfig": "training.config",
+    "PromptSet": "training.config",
+    "load_prompt_sets": "training.config",
+    "FairFinetunePipeline": "adaptors.pipeline",
+    "load_fair_adaptor": "adaptors.pipeline",
+    "unload_fair_adaptor": "adaptors.pipeline",
+    "save_fair_adaptor": "adaptors.format",
+    "FairAdaptorMetadata": "adaptors.format",
 }
+
+if TYPE_CHECKING:
+    from .adaptors.metadata import FairAdaptorMetadata
+    from .adaptors.format import save_fair_adaptor
+    from .adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor, unload_fair_adaptor
+    from .training.config import FairTrainingConfig, PromptSet, load_prompt_sets
+    from .training.trainer import DistributionalAlignmentTrainer
 
 __all__ = [
     "__version__",
@@ -43,6 +52,7 @@ __all__ = [
     "dynamic_targets",
     "distributional_alignment_loss",
     "kept_cross_entropy",
+    "adjusted_backward",
     "bias_metric",
     "mean_std",
     # loaded lazily (``_LAZY``)

@@ -7,7 +7,7 @@ The task: train a soft prompt (5 tokens in front of "a photo of the face of a pe
 toy model's images match one fixed target image under the image-semantics loss (one minus the
 cosine similarity of the toy image embeddings, summed over the embedders). Every iteration draws
 fresh noise, samples with classifier-free guidance and updates the soft tokens with the gradient of
-one of three DFT variants (``diffusers_fair.dft.adjusted_backward``):
+one of three DFT variants (``diffusers_fair.method.dft.adjusted_backward``):
 
 * ``naive``: the exact gradient through the whole sampling chain;
 * ``adjusted``: every step's U-Net gradient with the same weight (``standardize=True``), the paper's method;
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusers_fair import dft, losses, trainable
-from diffusers_fair.demo import load_toy_pipeline
+from diffusers_fair.method import dft, losses
+from diffusers_fair.training import trainable
+from diffusers_fair.toy.demo import load_toy_pipeline
 from diffusers_fair.toy.components import load_toy_components
 from diffusers_fair.toy.render import TRAITS, render
 

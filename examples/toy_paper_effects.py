@@ -5,7 +5,7 @@
     python examples/toy_paper_effects.py --out /tmp/toy --quick --only gender  # a smoke run
     python examples/toy_paper_effects.py --out results/seeds --only gender-race --seeds 0 1 2
 
-Every run is the demo's procedure (``diffusers_fair.demo.run_experiment``) with other targets or
+Every run is the demo's procedure (``diffusers_fair.toy.demo.run_experiment``) with other targets or
 other trained weights: audit the base model on the held-out words, train on the training words,
 audit again with the adaptor loaded into a stock pipeline. The base model is audited once and
 shared by all runs. Each run writes its folder ``OUT/<name>/`` (report, plots, adaptor); the
@@ -33,16 +33,9 @@ from pathlib import Path
 
 import torch
 
-from diffusers_fair.demo import (
-    DemoSettings,
-    ToyExperiment,
-    audit_base_model,
-    demo_experiment,
-    run_experiment,
-    uniform,
-)
-from diffusers_fair.evaluation import bias_floor
-from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.toy.demo import DemoSettings, ToyExperiment, audit_base_model, demo_experiment, run_experiment, uniform
+from diffusers_fair.evaluation.metrics import bias_floor
+from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.toy.components import load_toy_components
 from diffusers_fair.toy.render import TRAITS
 

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from diffusers_fair.components.classifiers import FAIRFACE_ATTRIBUTES, MobileNetAttributeClassifier
 from diffusers_fair.components.face_embedder import center_square_boxes
 from diffusers_fair.components.mediapipe_detector import MediaPipeDetectorConfig, MediaPipeFaceDetector
-from diffusers_fair.faces import crop_faces
+from diffusers_fair.method.boxes import crop_faces
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers_fair.components.stable_diffusion import SD15ComponentSettings
-from diffusers_fair.config import FairTrainingConfig, PromptSet, resolve_prompt_sets
-from diffusers_fair.evaluation import read_prompts
-from diffusers_fair.jsonfile import read_json
-from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.training.config import FairTrainingConfig, PromptSet, resolve_prompt_sets
+from diffusers_fair.evaluation.results import read_prompts
+from diffusers_fair._utils.io import read_json
+from diffusers_fair.method.targets import TargetDistribution
 
 EXPERIMENT_KEYS = ("name", "description", "targets", "prompts", "training", "components", "evaluation")
 PROMPT_SET_KEYS = ("name", "file", "prompts", "weight", "targets")
@@ -222,7 +222,7 @@ def train(experiment: Experiment, *, pipeline=None, components=None):
     import torch
 
     from diffusers_fair.components.stable_diffusion import load_sd15_components
-    from diffusers_fair.trainer import DistributionalAlignmentTrainer
+    from diffusers_fair.training.trainer import DistributionalAlignmentTrainer
 
     config = experiment.config
     if components is None:

@@ -2,7 +2,7 @@
 
     python scripts/ship_toy_adaptors.py results/toy gender-race gender gender-race-age soft-tokens
 
-For each run named, copies ``RESULTS/<run>/adaptor`` to ``diffusers_fair/adaptors_index/<adaptor name>``
+For each run named, copies ``RESULTS/<run>/adaptor`` to ``diffusers_fair/adaptors/shipped/<adaptor name>``
 and rewrites that name's entry in ``index.json`` from the adaptor's own metadata (kind, targets,
 files) and the run's report (held-out bias before and after, hair-colour shares, settings).
 """
@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-INDEX_DIR = Path(__file__).resolve().parent.parent / "diffusers_fair" / "adaptors_index"
+INDEX_DIR = Path(__file__).resolve().parent.parent / "diffusers_fair" / "adaptors" / "shipped"
 
 
 def entry_for(run: Path, index: dict) -> tuple[str, dict]:

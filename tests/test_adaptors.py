@@ -19,22 +19,9 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffusers_fair.adaptors import (
-    CARD_NAME,
-    FORMAT_VERSION,
-    LORA_WEIGHT_NAME,
-    METADATA_NAME,
-    SOFT_TOKENS_NAME,
-    TOY_BASE_MODEL,
-    FairAdaptorMetadata,
-    base_model_id,
-    read_fair_adaptor,
-    save_fair_adaptor,
-    target_from_dict,
-    target_to_dict,
-    update_fair_adaptor_metadata,
-)
-from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.adaptors.metadata import CARD_NAME, FORMAT_VERSION, LORA_WEIGHT_NAME, METADATA_NAME, SOFT_TOKENS_NAME, BASE_MODEL_MARKER, TOY_BASE_MODEL, FairAdaptorMetadata, base_model_id, target_from_dict, target_to_dict
+from diffusers_fair.adaptors.format import read_fair_adaptor, save_fair_adaptor, update_fair_adaptor_metadata
+from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.toy.architecture import (
     make_sampler,
     make_text_encoder,
@@ -273,19 +260,23 @@ def test_metadata_for_pipeline_needs_an_identifiable_base(pipe):
     assert (meta.text_hidden_size, meta.cross_attention_dim) == (64, 64)
 
 
-def test_base_model_id_of_pipelines(tmp_path, monkeypatch):
+def test_base_model_id_of_pipelines(tmp_path):
     from diffusers_fair import toy
 
-    monkeypatch.setattr(toy, "MODEL_DIR", tmp_path / "toy-model")
-    (tmp_path / "toy-model").mkdir()
+    (tmp_path / "marked").mkdir()
+    (tmp_path / "marked" / BASE_MODEL_MARKER).write_text('{"base_model": "someone/base"}')
     (tmp_path / "copy").mkdir()
+    (tmp_path / "not-a-dict").mkdir()
+    (tmp_path / "not-a-dict" / BASE_MODEL_MARKER).write_text('["someone/base"]')
 
     def named(name):
         return SimpleNamespace(name_or_path=name)
 
-    assert base_model_id(named(str(tmp_path / "toy-model"))) == TOY_BASE_MODEL
+    assert base_model_id(named(toy.model_path())) == TOY_BASE_MODEL  # the shipped toy model carries the marker
+    assert base_model_id(named(str(tmp_path / "marked"))) == "someone/base"
     assert base_model_id(named("runwayml/stable-diffusion-v1-5")) == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert base_model_id(named(str(tmp_path / "copy"))) is None  # a local copy: unknown
+    assert base_model_id(named(str(tmp_path / "copy"))) is None  # a local folder without the marker: unknown
+    assert base_model_id(named(str(tmp_path / "not-a-dict"))) is None
     assert base_model_id(named(str(tmp_path / "deleted"))) is None  # neither a folder nor a repo id
     assert base_model_id(named(None)) is None  # built in memory
 

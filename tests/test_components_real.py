@@ -33,7 +33,7 @@ from diffusers_fair.components.mediapipe_detector import (
     MediaPipeDetectorConfig,
     MediaPipeFaceDetector,
 )
-from diffusers_fair.faces import crop_faces
+from diffusers_fair.method.boxes import crop_faces
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CLIP = "diffusers-fair-tiny-test-clip"

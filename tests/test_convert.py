@@ -6,15 +6,15 @@ appended to the embedding table and placed right after the start-of-text token.
 """
 
 import copy
-from argparse import ArgumentParser
 
 import pytest
 import torch
 from test_adaptors import PROMPT, text_states, tiny_pipeline
 
-from diffusers_fair import convert
-from diffusers_fair.adaptors import LORA_WEIGHT_NAME, SD15, read_fair_adaptor
-from diffusers_fair.pipeline import add_fair_tokens, load_fair_adaptor
+from diffusers_fair.adaptors import convert
+from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, SD15
+from diffusers_fair.adaptors.format import read_fair_adaptor
+from diffusers_fair.adaptors.pipeline import add_fair_tokens, load_fair_adaptor
 
 RANK = 3
 TEXT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -188,14 +188,11 @@ def test_strict_reading(release, tmp_path):
 
 
 def test_convert_command_line(release, tmp_path, capsys):
-    parser = ArgumentParser()
-    convert.add_convert_arguments(parser)
-    args = parser.parse_args([str(release[0]), str(tmp_path / "cli"), "--target", "gender: male, female", "--name", "from-cli", "--base-model", "diffusers-fair/toy"])
-    assert convert.run_convert(args) == 0
+    from diffusers_fair.cli import main
+
+    argv = [str(release[0]), str(tmp_path / "cli"), "--target", "gender: male, female", "--name", "from-cli", "--base-model", "diffusers-fair/toy"]
+    assert main(["convert", *argv]) == 0
     assert "lora+soft_tokens adaptor for diffusers-fair/toy" in capsys.readouterr().out
     adaptor = read_fair_adaptor(tmp_path / "cli")
     assert adaptor.metadata.name == "from-cli" and adaptor.metadata.targets[0]["text"] == "gender: male=0.5, female=0.5"
     assert (tmp_path / "cli" / LORA_WEIGHT_NAME).is_file()
-    registered = {}
-    convert.register_cli(lambda name, run, **kw: registered.update({name: run}))
-    assert registered == {"convert": convert.run_convert}

@@ -1,4 +1,4 @@
-"""Tests of diffusers_fair.dft: the adjusted gradient against independent computations.
+"""Tests of diffusers_fair.method.dft: the adjusted gradient against independent computations.
 
 Everything runs in float64 on a tiny random-weight UNet2DConditionModel. The references here do not
 use dft.py's internals: the sampling loop is written out again (and checked against diffusers'
@@ -19,7 +19,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from diffusers_fair.dft import DFTResult, adjusted_backward, sample_latents, step_coefficients
+from diffusers_fair.method.dft import DFTResult, adjusted_backward, sample_latents, step_coefficients
 
 DTYPE = torch.float64
 STEPS = 4

@@ -18,22 +18,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from diffusers_fair.evaluation import (
-    EvalResult,
-    ImageReadout,
-    PromptResult,
-    bias_floor,
-    bias_metric,
-    class_counts,
-    clip_text_embedder,
-    evaluate,
-    initial_noise,
-    joint_classes,
-    joint_counts,
-    read_faces,
-    read_prompts,
-)
-from diffusers_fair.report import short_labels, write_report
+from diffusers_fair.evaluation.results import EvalResult, ImageReadout, PromptResult, read_prompts
+from diffusers_fair.evaluation.metrics import bias_floor, bias_metric, class_counts, joint_classes, joint_counts
+from diffusers_fair.evaluation.audit import clip_text_embedder, evaluate, initial_noise, read_faces
+from diffusers_fair.evaluation.report import short_labels, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of the face of a banker, a person", "a photo of the face of a welder, a person",
@@ -126,7 +114,7 @@ def test_bias_floor_matches_the_binomial():
 NOISE_SCRIPT = """
 import sys
 from safetensors.torch import save_file
-from diffusers_fair.evaluation import initial_noise
+from diffusers_fair.evaluation.audit import initial_noise
 save_file({"noise": initial_noise(7, "a photo of a judge", 3, (4, 8, 8))}, sys.argv[1])
 """
 

@@ -20,7 +20,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from argparse import ArgumentParser
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,9 +30,9 @@ from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
 from test_adaptors import save_random_adaptor, text_states, tiny_pipeline
 
-from diffusers_fair import hub
-from diffusers_fair.adaptors import LORA_WEIGHT_NAME, METADATA_NAME, TOY_BASE_MODEL
-from diffusers_fair.pipeline import load_fair_adaptor
+from diffusers_fair.adaptors import hub
+from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, METADATA_NAME, TOY_BASE_MODEL
+from diffusers_fair.adaptors.pipeline import load_fair_adaptor
 
 REPO = "fair-test/toy-gender"
 
@@ -124,15 +123,11 @@ def test_push_command_line(adaptor_dirs, tmp_path, monkeypatch, capsys):
     shutil.copytree(adaptor_dirs / "first", folder)
     api = FakeApi()
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
-    parser = ArgumentParser()
-    hub.add_push_arguments(parser)
-    args = parser.parse_args([str(folder), REPO, "--private", "--message", "first release"])
-    assert hub.run_push(args) == 0
+    from diffusers_fair.cli import main
+
+    assert main(["push", str(folder), REPO, "--private", "--message", "first release"]) == 0
     assert api.calls[0][1]["private"] is True and api.calls[-1][1]["commit_message"] == "first release"
     assert f'load_fair_adaptor(pipe, "{REPO}", revision="c0ffee' in capsys.readouterr().out
-    registered = {}
-    hub.register_cli(lambda name, run, **kw: registered.update({name: (run, kw)}))
-    assert registered["push"][0] is hub.run_push
 
 
 # --------------------------------------------------------------------------- a local Hub server

@@ -1,4 +1,4 @@
-"""Tests of diffusers_fair.losses against hand computations and autograd through explicit formulas."""
+"""Tests of diffusers_fair.method.losses against hand computations and autograd through explicit formulas."""
 
 import math
 from types import SimpleNamespace
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_fair import losses
-from diffusers_fair.alignment import dynamic_targets
-from diffusers_fair.faces import crop_faces
-from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.method import losses
+from diffusers_fair.method.alignment import dynamic_targets
+from diffusers_fair.method.boxes import crop_faces
+from diffusers_fair.method.targets import TargetDistribution
 
 
 def hand_cosine_distance(x, y):

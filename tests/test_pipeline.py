@@ -22,15 +22,10 @@ from test_adaptors import (
     tiny_pipeline,
 )
 
-from diffusers_fair import hub
-from diffusers_fair.adaptors import TOY_BASE_MODEL, save_fair_adaptor
-from diffusers_fair.pipeline import (
-    FairFinetunePipeline,
-    add_fair_tokens,
-    fair_adaptors,
-    load_fair_adaptor,
-    unload_fair_adaptor,
-)
+from diffusers_fair.adaptors import hub
+from diffusers_fair.adaptors.metadata import TOY_BASE_MODEL
+from diffusers_fair.adaptors.format import save_fair_adaptor
+from diffusers_fair.adaptors.pipeline import FairFinetunePipeline, add_fair_tokens, fair_adaptors, load_fair_adaptor, unload_fair_adaptor
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,13 @@ from test_adaptors import make_metadata, random_lora, save_random_adaptor, tiny_
 from test_pipeline import assert_same, snapshot
 
 import test_trainer as T
-from diffusers_fair import checkpointing, hub
-from diffusers_fair.adaptors import (
-    LORA_WEIGHT_NAME,
-    METADATA_NAME,
-    SOFT_TOKENS_NAME,
-    FairAdaptorMetadata,
-    read_fair_adaptor,
-    save_fair_adaptor,
-    sha256_file,
-)
-from diffusers_fair.config import check_components, load_prompt_sets, resolve_prompt_sets
-from diffusers_fair.pipeline import load_fair_adaptor, unload_fair_adaptor
-from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.training import checkpointing
+from diffusers_fair.adaptors import hub
+from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, METADATA_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, sha256_file
+from diffusers_fair.adaptors.format import read_fair_adaptor, save_fair_adaptor
+from diffusers_fair.training.config import check_components, load_prompt_sets, resolve_prompt_sets
+from diffusers_fair.adaptors.pipeline import load_fair_adaptor, unload_fair_adaptor
+from diffusers_fair.method.targets import TargetDistribution
 
 
 # --------------------------------------------------------------------------- targets and configs

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from test_components_real import TINY_CLIP, dinov2_processors, head, tiny_clip, tiny_dinov2, to_tensor  # noqa: F401
 from test_trainer import tiny_pipeline
 
-from diffusers_fair.adaptors import read_fair_adaptor
+from diffusers_fair.adaptors.format import read_fair_adaptor
 from diffusers_fair.components.classifiers import FAIRFACE_ATTRIBUTES, MobileNetAttributeClassifier
 from diffusers_fair.components.clip import CLIPZeroShotClassifier, OpenCLIPImageEmbedder
 from diffusers_fair.components.dinov2 import DINOv2ImageEmbedder
@@ -47,8 +47,8 @@ from diffusers_fair.components.stable_diffusion import (
     SD15ComponentSettings,
     load_sd15_components,
 )
-from diffusers_fair.pipeline import load_fair_adaptor
-from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.adaptors.pipeline import load_fair_adaptor
+from diffusers_fair.method.targets import TargetDistribution
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"

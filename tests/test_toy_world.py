@@ -12,8 +12,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from diffusers_fair.evaluation import bias_metric
-from diffusers_fair.faces import crop_faces, expand_boxes
+from diffusers_fair.evaluation.metrics import bias_metric
+from diffusers_fair.method.boxes import crop_faces, expand_boxes
 from diffusers_fair.toy import world
 from diffusers_fair.toy.audit import AuditResult, audit_pipeline, per_word_correlation
 from diffusers_fair.toy.components import WEIGHTS_DIR, face_crops, load_toy_components
@@ -315,7 +315,7 @@ def test_audit_recovers_the_skews_of_a_pipeline_that_follows_them(components):
 
 
 def test_audit_draws_independent_noise_per_word_and_the_same_noise_per_seed(components):
-    from diffusers_fair.audit import noise_seed
+    from diffusers_fair.evaluation.audit import noise_seed
 
     class RecordingPipeline(RenderingPipeline):
         def __init__(self):

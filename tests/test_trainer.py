@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers_fair import checkpointing
+from diffusers_fair.training import checkpointing
 from diffusers_fair.components.base import AttributeClassifier, FaceDetection, FaceDetector, FaceEmbedder, ImageEmbedder
-from diffusers_fair.config import FairTrainingConfig, PromptSet, derive_seed, draw_iteration, load_prompt_sets
-from diffusers_fair.targets import TargetDistribution
+from diffusers_fair.training.config import FairTrainingConfig, PromptSet, derive_seed, draw_iteration, load_prompt_sets
+from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.toy import architecture, world
 from diffusers_fair.toy.tokenizer import build_tokenizer
-from diffusers_fair.trainer import DistributionalAlignmentTrainer, ema_decay_at, learning_rate_at
+from diffusers_fair.training.trainer import DistributionalAlignmentTrainer, ema_decay_at, learning_rate_at
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTES = {"gender": ["male", "female"], "race": ["a", "b", "c", "d"], "age": ["young", "old"]}
@@ -178,7 +178,7 @@ def test_toy_preset_and_overrides():
     assert c.mixed_precision == "no" and c.dal_threshold == 0.5
     c.validate()
     # The preset is the demo's run.
-    from diffusers_fair.demo import DemoSettings
+    from diffusers_fair.toy.demo import DemoSettings
 
     demo, preset = DemoSettings(), FairTrainingConfig.toy()
     assert (preset.num_iterations, preset.images_per_prompt, preset.learning_rate, preset.lr_schedule,
@@ -450,7 +450,7 @@ def test_a_batch_without_faces_gets_only_the_semantics_loss(tmp_path):
 # ---------------------------------------------------------------------------- seeds
 DRAW_SCRIPT = """
 import json
-from diffusers_fair.config import FairTrainingConfig, PromptSet, draw_iteration
+from diffusers_fair.training.config import FairTrainingConfig, PromptSet, draw_iteration
 
 config = FairTrainingConfig.toy(seed=11, images_per_prompt=4)
 sets = [PromptSet(["doctor", "nurse"], weight=3.0), PromptSet(["pilot"], weight=1.0)]
@@ -573,7 +573,7 @@ def test_logs_sample_grids_and_loss_curve(tmp_path):
 
 
 def test_save_adaptor_writes_the_ema_weights(tmp_path, monkeypatch):
-    from diffusers_fair import adaptors, hub
+    from diffusers_fair.adaptors import format as adaptors, hub
 
     trainer = make_trainer(tmp_path, num_soft_tokens=2, ema_decay=0.5)
     trainer.train_step()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_fair import checkpointing
-from diffusers_fair.adaptors import read_fair_adaptor
+from diffusers_fair.training import checkpointing
+from diffusers_fair.adaptors.format import read_fair_adaptor
 from test_trainer import ROOT, make_trainer
 
 WORKER = """
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch
 import test_trainer as T
-from diffusers_fair.trainer import DistributionalAlignmentTrainer
+from diffusers_fair.training.trainer import DistributionalAlignmentTrainer
 
 tmp = Path({tmp!r})
 trainer = T.make_trainer(tmp, **{overrides!r})

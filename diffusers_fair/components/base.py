@@ -86,3 +86,18 @@ class FaceEmbedder(nn.Module, ABC):
     @abstractmethod
     def forward(self, faces: torch.Tensor) -> torch.Tensor:
         """Return embeddings ``(B, D)`` for face crops ``(B, 3, S, S)`` in ``[0, 1]``."""
+
+
+@dataclass
+class EvalComponents:
+    """The models an audit needs (the toy world's ``ToyComponents`` also fits).
+
+    Attributes:
+        classifier: the evaluation ``AttributeClassifier`` (ideally not the one that guided finetuning).
+        detector: the ``FaceDetector``.
+        crop_factor: the detector box is grown by this factor into the classifier's square crop.
+    """
+
+    classifier: torch.nn.Module
+    detector: object
+    crop_factor: float = 1.0

@@ -11,7 +11,7 @@ attributes are the paper's: binary gender, race in four groups (WMELH = White, M
 Hispanic; Asian = East and Southeast Asian; Black; Indian), and age young / old.
 
 Input: square face crops ``(B, 3, S, S)`` in ``[0, 1]`` with ``S = input_size`` (224), as
-:func:`diffusers_fair.faces.crop_faces` gives them; the network normalises them with ImageNet's mean
+:func:`diffusers_fair.method.boxes.crop_faces` gives them; the network normalises them with ImageNet's mean
 and std (the statistics of torchvision's pretrained trunk).
 
 File format: a ``.safetensors`` file holding the state dict, with metadata ``format``,

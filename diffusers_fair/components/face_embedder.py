@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..faces import crop_faces
+from ..method.boxes import crop_faces
 from .base import FaceDetector, FaceEmbedder
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")

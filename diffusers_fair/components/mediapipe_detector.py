@@ -23,7 +23,7 @@ that size is not). Portrait prompts such as "a photo of the face of a doctor" gi
 for prompts with small faces use ``model="full_range"``.
 
 Detection runs on 8-bit copies of the images without gradients; the differentiable part is the
-crop, :func:`diffusers_fair.faces.crop_faces`, which samples the returned boxes from the
+crop, :func:`diffusers_fair.method.boxes.crop_faces`, which samples the returned boxes from the
 grad-carrying batch in one batched call.
 """
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..faces import expand_boxes, largest
+from ..method.boxes import expand_boxes
 from .base import FaceDetection, FaceDetector
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "models", "face_detection_short_range.tflite")
@@ -58,7 +58,7 @@ class MediaPipeDetectorConfig:
         shift_inside: move a square that crosses the image border back inside the image (where it
             fits), as ``faces.expand_boxes(..., image_size)`` does; the crop then holds only image
             pixels, with the face off-centre. ``False`` keeps the square centred on the face and
-            :func:`~diffusers_fair.faces.crop_faces` reads zeros outside the image, as the paper's
+            :func:`~diffusers_fair.method.boxes.crop_faces` reads zeros outside the image, as the paper's
             code padded with black.
         model_path: another short-range ``.tflite`` file to use instead of the shipped one.
     """
@@ -183,3 +183,25 @@ class MediaPipeFaceDetector(FaceDetector):
             self.close()
         except Exception:
             pass
+
+
+def largest(detections: list[list[tuple[float, float, float, float, float]]], device=None) -> FaceDetection:
+    """Keep the largest box of each image.
+
+    Args:
+        detections: per image, a list of ``(x0, y0, x1, y1, score)`` (possibly empty).
+
+    Returns:
+        A :class:`FaceDetection` with one box per image.
+    """
+    boxes = torch.zeros(len(detections), 4)
+    scores = torch.zeros(len(detections))
+    found = torch.zeros(len(detections), dtype=torch.bool)
+    for i, faces in enumerate(detections):
+        if not faces:
+            continue
+        x0, y0, x1, y1, score = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
+        boxes[i] = torch.tensor([x0, y0, x1, y1])
+        scores[i] = score
+        found[i] = True
+    return FaceDetection(boxes=boxes.to(device), found=found.to(device), scores=scores.to(device))

@@ -251,8 +251,8 @@ class SD15Components:
         return [e for e in (self.clip, self.dinov2) if e is not None]
 
     def evaluation_components(self):
-        """The audit's inputs (:class:`~diffusers_fair.evaluation.EvalComponents`) with the evaluation classifier."""
-        from ..evaluation import EvalComponents
+        """The audit's inputs (:class:`~diffusers_fair.components.base.EvalComponents`) with the evaluation classifier."""
+        from .base import EvalComponents
 
         if self.eval_classifier is None:
             raise ValueError("no evaluation classifier: configure components.eval_classifier and load it")

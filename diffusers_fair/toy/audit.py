@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..audit import generate, initial_noise, latent_shape
-from ..evaluation import bias_metric
+from ..evaluation.audit import generate, initial_noise, latent_shape
+from ..evaluation.metrics import bias_metric
 from . import world
 from .components import ToyComponents, face_crops
 from .render import TRAITS

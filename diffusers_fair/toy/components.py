@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..components.base import AttributeClassifier, FaceDetection, FaceDetector, FaceEmbedder, ImageEmbedder
-from ..faces import crop_faces, expand_boxes
+from ..method.boxes import crop_faces, expand_boxes
 from .render import SCENE_PARAMETERS, TRAITS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"

@@ -1,8 +1,8 @@
 """Run an audit: generate from seeded noise, read faces, cache per prompt.
 
 :func:`evaluate` audits a text-to-image pipeline on a list of prompts and returns an
-:class:`~diffusers_fair.evaluation.EvalResult`; the metrics it reports (``bias(P)``, class
-frequencies, no-face share, CLIP-T, CLIP-I, DINO) are described in :mod:`diffusers_fair.evaluation`.
+:class:`~diffusers_fair.evaluation.results.EvalResult`; the metrics it reports (``bias(P)``, class
+frequencies, no-face share, CLIP-T, CLIP-I, DINO) are described in :mod:`diffusers_fair.evaluation.metrics`.
 
 Noise. Image ``i`` of a prompt starts from a latent drawn from its own ``torch.Generator`` on the
 CPU, seeded with a SHA-256 digest of ``(seed, prompt text, i)``. It therefore does not depend on
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .evaluation import SOURCES, EvalResult, ImageReadout, PromptResult
+from .metrics import SOURCES
+from .results import EvalResult, ImageReadout, PromptResult
 
 NOISE_SCHEME = "sha256(seed|prompt|index)-cpu-randn-v1"  # changing how noise is drawn changes this name
 THUMBNAIL_SIZE = 256  # sample images kept for grids are shrunk to at most this side
@@ -92,7 +93,7 @@ def read_faces(images: torch.Tensor, components, *, batch_size: int = 32) -> Ima
     The crop is the detector's box grown by ``components.crop_factor`` (1 when absent) into a
     square (``faces.expand_boxes``), resized to the classifier's ``input_size``.
     """
-    from .faces import crop_faces, expand_boxes  # torchvision: imported on first use
+    from ..method.boxes import crop_faces, expand_boxes  # torchvision: imported on first use
 
     classifier, detector = components.classifier, components.detector
     crop_factor = float(getattr(components, "crop_factor", 1.0))
@@ -226,7 +227,7 @@ class PromptCache:
 # --------------------------------------------------------------------------- the audit
 def describe_pipeline(pipe) -> dict:
     """What identifies a pipeline in the settings: its class, source and loaded fair adaptors."""
-    from .pipeline import fair_adaptors
+    from ..adaptors.pipeline import fair_adaptors
 
     adaptors = [{"source": a.source, "weight": a.weight} for a in fair_adaptors(pipe).values()]
     return {"class": type(pipe).__name__, "name_or_path": str(getattr(pipe, "name_or_path", "") or ""), "adaptors": adaptors}
@@ -286,7 +287,7 @@ def evaluate(pipe, prompts: Sequence[str], components, *, images_per_prompt: int
         pipe: a ``StableDiffusionPipeline`` (any subclass; with fair adaptors loaded or not).
         prompts: the prompts, distinct.
         components: ``classifier`` (evaluation ``AttributeClassifier``), ``detector`` (``FaceDetector``)
-            and optionally ``crop_factor``: an :class:`~diffusers_fair.evaluation.EvalComponents` or the toy world's components.
+            and optionally ``crop_factor``: an :class:`~diffusers_fair.components.base.EvalComponents` or the toy world's components.
         images_per_prompt: images generated per prompt (the paper: 60 for gender, 80 for race, 160
             for gender x race).
         seed: the noise seed (see the module doc: per prompt text and image index).
@@ -305,7 +306,7 @@ def evaluate(pipe, prompts: Sequence[str], components, *, images_per_prompt: int
         progress: show a progress bar over prompts.
 
     Returns:
-        An :class:`~diffusers_fair.evaluation.EvalResult`.
+        An :class:`~diffusers_fair.evaluation.results.EvalResult`.
     """
     from tqdm.auto import tqdm
 

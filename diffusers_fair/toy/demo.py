@@ -12,7 +12,7 @@ Steps, all on the toy world shipped in the package (``diffusers_fair.toy``):
    of skin tone (the race slot), both at once.
 3. Save the adaptor (``OUT/adaptor``), load it into a fresh ``FairFinetunePipeline`` (which puts
    the soft tokens of an adaptor that has them in front of every prompt) with
-   :func:`~diffusers_fair.pipeline.load_fair_adaptor` and audit the held-out words again, from the same noise.
+   :func:`~diffusers_fair.adaptors.pipeline.load_fair_adaptor` and audit the held-out words again, from the same noise.
 4. Write ``report.json``, ``report.md``, bar charts of the distributions and before/after image grids.
 """
 
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adaptors import update_fair_adaptor_metadata
-from .config import FairTrainingConfig
-from .pipeline import load_fair_adaptor
-from .targets import TargetDistribution
-from .toy import model_path, world
-from .toy.audit import AuditResult, audit_pipeline
-from .toy.render import TRAITS
+from ..adaptors.format import update_fair_adaptor_metadata
+from ..training.config import FairTrainingConfig
+from ..adaptors.pipeline import load_fair_adaptor
+from ..method.targets import TargetDistribution
+from . import model_path, world
+from .audit import AuditResult, audit_pipeline
+from .render import TRAITS
 
 DEBIASED = ("hair_length", "skin_tone")
 
@@ -111,7 +111,7 @@ def load_toy_pipeline(fair: bool = False):
     adaptors in front of every prompt."""
     from diffusers import StableDiffusionPipeline
 
-    from .pipeline import FairFinetunePipeline
+    from ..adaptors.pipeline import FairFinetunePipeline
 
     pipe = (FairFinetunePipeline if fair else StableDiffusionPipeline).from_pretrained(model_path())
     pipe.set_progress_bar_config(disable=True)
@@ -152,8 +152,8 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
     ``before`` reuses a base-model audit made with the same settings (:func:`audit_base_model`).
     Returns the report, also written as ``report.json`` next to ``report.md``, the plots and ``adaptor/``.
     """
-    from .toy.components import load_toy_components
-    from .trainer import DistributionalAlignmentTrainer
+    from .components import load_toy_components
+    from ..training.trainer import DistributionalAlignmentTrainer
 
     settings = settings or DemoSettings()
     out = Path(out)

@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .._utils.io import load_safetensors
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TENSORS_FILE = "tensors.safetensors"
@@ -90,22 +92,6 @@ def save_checkpoint(folder: str | Path, iteration: int, tensors: dict[str, torch
         kept = f"; the last complete checkpoint is {previous[-1]}" if previous else ""
         raise OSError(f"could not write checkpoint {final}: {error}{kept}") from error
     return final
-
-
-def load_safetensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a truncated or corrupt file, or a PyTorch pickle given in its
-    place, raises ``ValueError`` naming ``what`` (pickles are recognised, never unpickled)."""
-    from safetensors import SafetensorError
-
-    try:
-        return load_file(str(path))
-    except SafetensorError as error:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive, or a raw pickle
-            raise ValueError(f"{what} is a PyTorch pickle, not a safetensors file; pickles are never loaded "
-                             "(save the tensors with safetensors.torch.save_file)") from None
-        raise ValueError(f"{what} is not a readable safetensors file (truncated or corrupt: {error})") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

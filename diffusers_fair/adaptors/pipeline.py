@@ -35,14 +35,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .adaptors import (
-    LORA_WEIGHT_NAME,
-    SOFT_TOKENS_NAME,
-    FairAdaptor,
-    FairAdaptorMetadata,
-    base_model_id,
-    canonical_base_model,
-)
+from .metadata import LORA_WEIGHT_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, base_model_id, canonical_base_model
+from .format import FairAdaptor
 from .hub import resolve_adaptor
 
 logger = logging.getLogger(__name__)

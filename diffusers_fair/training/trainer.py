@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpointing, losses, trainable
+from . import checkpointing, trainable
+from ..method import losses
 from .config import FairTrainingConfig, TrainingDraw, check_components, derive_seed, draw_iteration, resolve_prompt_sets
-from .dft import adjusted_backward, check_scheduler, sample_latents
-from .faces import crop_faces, expand_boxes
+from ..method.dft import adjusted_backward, check_scheduler, sample_latents
+from ..method.boxes import crop_faces, expand_boxes
 
 LOG_FILE = "training_log.jsonl"
 
@@ -515,8 +516,8 @@ class DistributionalAlignmentTrainer:
 
     # ------------------------------------------------------------------ results
     def adaptor_metadata(self, name: str, **fields):
-        """The :class:`~diffusers_fair.adaptors.FairAdaptorMetadata` of the trained adaptor."""
-        from .adaptors import FairAdaptorMetadata
+        """The :class:`~diffusers_fair.adaptors.metadata.FairAdaptorMetadata` of the trained adaptor."""
+        from ..adaptors.metadata import FairAdaptorMetadata
 
         targets = list({repr(t): t for s in self.prompt_sets for t in s.targets}.values())
         training = {k: v for k, v in self.config.to_dict().items() if k not in ("output_dir", "resume_from")}
@@ -542,7 +543,7 @@ class DistributionalAlignmentTrainer:
 
         Call it on every process: the main process uploads and returns the commit, the others return ``None``.
         """
-        from .hub import push_adaptor
+        from ..adaptors.hub import push_adaptor
 
         result = None
         if self.accelerator.is_main_process:
@@ -553,7 +554,7 @@ class DistributionalAlignmentTrainer:
         return result
 
     def _write_adaptor(self, folder, name: str, overwrite: bool, metadata_fields: dict):
-        from .adaptors import save_fair_adaptor
+        from ..adaptors.format import save_fair_adaptor
 
         metadata = self.adaptor_metadata(name, **metadata_fields)
         with self.ema_weights():

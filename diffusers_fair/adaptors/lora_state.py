@@ -1,6 +1,6 @@
 """LoRA weights for a fair adaptor: a peft-wrapped module or state dict to diffusers' layout and a summary.
 
-Used by :func:`diffusers_fair.adaptors.save_fair_adaptor`.
+Used by :func:`diffusers_fair.adaptors.format.save_fair_adaptor`.
 """
 
 from __future__ import annotations

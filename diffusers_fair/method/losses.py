@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .alignment import MAX_EXACT_COUNT_VECTORS, dynamic_targets, kept_cross_entropy
-from .faces import crop_faces
+from .boxes import crop_faces
 from .targets import TargetDistribution
 
 __all__ = [

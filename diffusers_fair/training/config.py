@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .jsonfile import read_json
-from .targets import TargetDistribution
+from .._utils.io import read_json
+from ..method.targets import TargetDistribution
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DFT_MODES = ("two_pass", "one_graph", "naive")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
-from .components.base import FaceDetection
 
 
 def expand_boxes(boxes: torch.Tensor, factor: float, image_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -53,25 +52,3 @@ def crop_faces(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     rois = torch.cat([index, boxes.to(images.dtype)], dim=1)
     # aligned=True: a box (0, 0, W, H) covers the image exactly (pixel centres at +0.5).
     return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-
-
-def largest(detections: list[list[tuple[float, float, float, float, float]]], device=None) -> FaceDetection:
-    """Keep the largest box of each image.
-
-    Args:
-        detections: per image, a list of ``(x0, y0, x1, y1, score)`` (possibly empty).
-
-    Returns:
-        A :class:`FaceDetection` with one box per image.
-    """
-    boxes = torch.zeros(len(detections), 4)
-    scores = torch.zeros(len(detections))
-    found = torch.zeros(len(detections), dtype=torch.bool)
-    for i, faces in enumerate(detections):
-        if not faces:
-            continue
-        x0, y0, x1, y1, score = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
-        boxes[i] = torch.tensor([x0, y0, x1, y1])
-        scores[i] = score
-        found[i] = True
-    return FaceDetection(boxes=boxes.to(device), found=found.to(device), scores=scores.to(device))

@@ -20,28 +20,21 @@ peft terms ``lora_A = down``, ``lora_B = up`` and ``lora_alpha = r``, which is w
 The files are read with ``torch.load(weights_only=True)`` only (tensors and plain containers,
 never arbitrary objects), every key must be recognised (the original loader used
 ``strict=False`` and ignored mismatches silently), and the result is a standard fair adaptor
-folder (:func:`~diffusers_fair.adaptors.save_fair_adaptor`). The EMA weights are the released
+folder (:func:`~diffusers_fair.adaptors.format.save_fair_adaptor`). The EMA weights are the released
 ones and are used by default.
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import re
 from pathlib import Path
 
 import torch
 
-from .adaptors import (
-    DEFAULT_SOFT_TOKEN,
-    SD15,
-    FairAdaptorMetadata,
-    canonical_base_model,
-    save_fair_adaptor,
-    sha256_file,
-)
-from .targets import TargetDistribution
+from .metadata import DEFAULT_SOFT_TOKEN, SD15, FairAdaptorMetadata, canonical_base_model, sha256_file
+from .format import save_fair_adaptor
+from ..method.targets import TargetDistribution
 
 KINDS_OF_FILE = ("text_encoder_lora", "unet_lora", "prefix_embedding")
 # (text hidden size, U-Net cross-attention size) of base models whose files may lack one of them.
@@ -237,47 +230,3 @@ def convert_official(
         soft_token=soft_token,
         overwrite=overwrite,
     )
-
-
-# --------------------------------------------------------------------------- command line
-CONVERT_HELP = "convert the original release's .pth weights into a fair adaptor folder"
-
-
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="folder with text_encoder_lora[_EMA].pth / unet_lora[_EMA].pth / prefix_embedding[_EMA].pth, or one file")
-    parser.add_argument("dst", help="adaptor folder to write")
-    parser.add_argument("--base-model", default=SD15, help=f"base model the weights were trained on (default: {SD15})")
-    parser.add_argument("--name", default=None, help="adaptor name (default: the folder name)")
-    parser.add_argument("--target", action="append", default=[], help='target distribution, e.g. "gender: male, female" (repeatable)')
-    parser.add_argument("--description", default="", help="one paragraph for the model card")
-    parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the last iterate instead of the EMA weights")
-    parser.add_argument("--soft-token", default=DEFAULT_SOFT_TOKEN, help=f"token name for soft tokens (default: {DEFAULT_SOFT_TOKEN})")
-    parser.add_argument("--text-hidden-size", type=int, default=None, help="text encoder hidden size, where the files cannot tell it")
-    parser.add_argument("--cross-attention-dim", type=int, default=None, help="U-Net cross-attention size, where the files cannot tell it")
-    parser.add_argument("--overwrite", action="store_true", help="replace an adaptor already in DST")
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    metadata = convert_official(
-        args.src,
-        args.dst,
-        base_model=args.base_model,
-        name=args.name,
-        targets=args.target,
-        description=args.description,
-        ema=args.ema,
-        soft_token=args.soft_token,
-        text_hidden_size=args.text_hidden_size,
-        cross_attention_dim=args.cross_attention_dim,
-        overwrite=args.overwrite,
-    )
-    parts = [f"{component} LoRA rank {info['rank']} on {info['num_layers']} layers" for component, info in metadata.lora.items()]
-    if metadata.soft_token:
-        parts.append(f"{len(metadata.token_names)} soft tokens {metadata.soft_token}")
-    print(f"wrote {args.dst}: {metadata.kind} adaptor for {metadata.base_model} ({'; '.join(parts)})")
-    return 0
-
-
-def register_cli(register) -> None:
-    """Add ``convert`` to the command line: ``register_cli(cli.register)``."""
-    register("convert", run_convert, help=CONVERT_HELP, add_arguments=add_convert_arguments)

@@ -1,0 +1,146 @@
+"""Model cards: the ``README.md`` of a fair adaptor, written from its metadata (following MODEL_CARD.md)."""
+
+from __future__ import annotations
+
+import json
+
+from .metadata import METADATA_NAME, TOY_BASE_MODEL, FairAdaptorMetadata
+
+
+ATTRIBUTE_NOTES = {
+    "gender": "binary perceived gender (male / female) as predicted from the face by a classifier; it "
+    "does not represent non-binary or self-identified gender.",
+    "race": "four perceived race groups (WMELH = White, Middle Eastern, Latino Hispanic; Asian = East and "
+    "Southeast Asian; Black; Indian) as predicted from the face by a classifier trained on FairFace; the "
+    "grouping is coarse and perceived race is not identity.",
+    "age": "perceived age, young or old, as predicted from the face by a classifier.",
+    "hair_length": "toy world: short / long hair, the stand-in for binary gender.",
+    "skin_tone": "toy world: pale / tan / brown / deep skin, the stand-in for four race groups.",
+    "hair_colour": "toy world: dark / grey hair, the stand-in for young / old.",
+}
+
+
+METHOD = (
+    "Made with diffusers-fair (distributional alignment loss and adjusted direct finetuning, "
+    "Shen et al., *Finetuning Text-to-Image Diffusion Models for Fairness*, ICLR 2024)."
+)
+INTENDED_USE = (
+    "Generating images of people from prompts that do not specify the protected attributes (occupations, "
+    "activities, descriptors), so that the attributes follow the target distribution instead of the base "
+    "model's learned skew. Research on fairness of generative models."
+)
+OUT_OF_SCOPE = (
+    "Inferring or labelling anyone's gender, race or age; prompts that name an attribute explicitly (the "
+    "adaptor may override them); any use presenting generated people as real; guarantees of fairness on "
+    "prompts, styles or attributes unlike those evaluated below."
+)
+CLASSIFIER_LIMITS = (
+    "The attributes are perceived from generated faces by classifiers that have biases of their own; "
+    "the metrics inherit them. Images without a detected face are not counted."
+)
+BIAS_DEFINITION = (
+    "Bias is the paper's bias(P): the mean absolute difference between the frequencies of each pair of "
+    "classes, averaged over prompts (0 when a uniform target is reached)."
+)
+CITATION = """```bibtex
+@inproceedings{shen2024finetuning,
+  title={Finetuning Text-to-Image Diffusion Models for Fairness},
+  author={Shen, Xudong and Du, Chao and Pang, Tianyu and Lin, Min and Wong, Yongkang and Kankanhalli, Mohan},
+  booktitle={International Conference on Learning Representations},
+  year={2024}
+}
+```"""
+
+
+def _card_body(meta: FairAdaptorMetadata) -> str:
+    """The markdown of the card, section by section as MODEL_CARD.md describes."""
+    where = "<this repo id or folder>"
+    if meta.base_model == TOY_BASE_MODEL:  # shipped inside the package, not on the Hub
+        imports, base = ["from diffusers_fair.toy import model_path"], "model_path()"
+    else:
+        imports, base = [], f'"{meta.base_model}"'
+    usage = [
+        "```python",
+        "from diffusers_fair import FairFinetunePipeline",
+        *imports,
+        "",
+        f"pipe = FairFinetunePipeline.from_pretrained({base})",
+        f'pipe.load_fair_adaptor("{where}")',
+        'image = pipe("a photo of the face of a doctor").images[0]',
+        "```",
+    ]
+    if meta.kind == "lora":
+        usage += ["", f'With diffusers alone: `pipe.load_lora_weights("{where}")`.']
+    if meta.soft_token:
+        usage += ["", (f'With diffusers alone: `pipe.load_textual_inversion("{where}")`, and start every prompt '
+                       f"(not the negative prompt) with `{meta.soft_token}`.")]
+
+    attributes = sorted({attr for t in meta.targets for attr in t["classes"]})
+    default_note = "as defined by the attribute classifier used in training."
+    training = [f"- {key}: `{json.dumps(value)}`" for key, value in sorted(meta.training.items())]
+    for component, info in sorted(meta.lora.items()):
+        training.append(f"- LoRA on the {component}: rank {info['rank']}, alpha {info['alpha']:g}, modules {info['target_modules']}")
+    if meta.soft_token:
+        training.append(f"- {len(meta.token_names)} soft tokens `{meta.soft_token}` prepended to the prompt")
+
+    names = sorted(set(meta.metrics_before) | set(meta.metrics_after))
+    if names:
+        evaluation = [f"Measured on: {meta.eval_prompts or '(not recorded)'}. {BIAS_DEFINITION}", "",
+                      "| metric | base model | with adaptor |", "|---|---|---|"]
+        for name in names:
+            cells = [meta.metrics_before.get(name), meta.metrics_after.get(name)]
+            before, after = ("-" if value is None else f"{value:.3f}" for value in cells)
+            evaluation.append(f"| {name} | {before} | {after} |")
+        evaluation += ["", "Reproduce with `diffusers-fair eval` on the same prompts and seeds."]
+    else:
+        evaluation = ["Not measured yet."]
+
+    sections = [
+        (f"# {meta.name}: a fair adaptor for {meta.base_model}",
+         [meta.description or "An adaptor that steers the protected attributes of generated people toward a target distribution.",
+          "", METHOD]),
+        ("## How to use", usage),
+        ("## Targets", [f"- `{t['text']}`" for t in meta.targets] or ["- (not recorded)"]),
+        ("## Intended use", [INTENDED_USE]),
+        ("## Out-of-scope use", [OUT_OF_SCOPE]),
+        ("## Attributes and their limits",
+         [f"- **{attr}**: {ATTRIBUTE_NOTES.get(attr, default_note)}" for attr in attributes] + ["", CLASSIFIER_LIMITS]),
+        ("## Training", training or ["- (not recorded)"]),
+        ("## Evaluation", evaluation),
+        ("## Files", [f"- `{name}`: sha256 `{digest}`" for name, digest in sorted(meta.files.items())]
+         + [f"- `{METADATA_NAME}`: metadata (targets, shapes, training summary, metrics)"]),
+        ("## Citation", [CITATION]),
+    ]
+    return "\n\n".join(title + "\n\n" + "\n".join(body) for title, body in sections) + "\n"
+
+
+def build_model_card(meta: FairAdaptorMetadata):
+    """The ``README.md`` model card of an adaptor (a huggingface_hub ``ModelCard``).
+
+    The YAML header holds ``base_model``, ``library_name: diffusers``, tags and one
+    ``eval_results`` entry per metric measured with the adaptor.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    eval_results = [
+        EvalResult(
+            task_type="text-to-image",
+            dataset_type="prompts",
+            dataset_name=meta.eval_prompts or "evaluation prompts",
+            metric_type=name,
+            metric_name=name,
+            metric_value=float(value),
+        )
+        for name, value in sorted(meta.metrics_after.items())
+    ]
+    attributes = sorted({attr for t in meta.targets for attr in t["classes"]})
+    data = ModelCardData(
+        base_model=meta.base_model,
+        library_name="diffusers",
+        license=meta.license or None,
+        pipeline_tag="text-to-image",
+        tags=["diffusers", "diffusers-fair", "fairness", "text-to-image", "stable-diffusion", meta.kind.replace("+", "-"), *attributes],
+        model_name=meta.name,
+        eval_results=eval_results or None,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(meta)}")

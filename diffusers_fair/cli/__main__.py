@@ -1,0 +1,7 @@
+"""``python -m diffusers_fair.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
