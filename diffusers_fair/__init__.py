@@ -28,8 +28,8 @@ from .version import __version__
 _LAZY = {
     "DistributionalAlignmentTrainer": "training.trainer",
     "FairTrainingConfig": "training.config",
-    "PromptSet": "training.config",
-    "load_prompt_sets": "training.config",
+    "PromptSet": "training.prompts",
+    "load_prompt_sets": "training.prompts",
     "FairFinetunePipeline": "adaptors.pipeline",
     "load_fair_adaptor": "adaptors.pipeline",
     "unload_fair_adaptor": "adaptors.pipeline",
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from .adaptors.metadata import FairAdaptorMetadata
     from .adaptors.format import save_fair_adaptor
     from .adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor, unload_fair_adaptor
-    from .training.config import FairTrainingConfig, PromptSet, load_prompt_sets
+    from .training.config import FairTrainingConfig
+    from .training.prompts import PromptSet, load_prompt_sets
     from .training.trainer import DistributionalAlignmentTrainer
 
 __all__ = [

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers_fair.components.stable_diffusion import SD15ComponentSettings
-from diffusers_fair.training.config import FairTrainingConfig, PromptSet, resolve_prompt_sets
+from diffusers_fair.training.config import FairTrainingConfig
+from diffusers_fair.training.prompts import PromptSet, resolve_prompt_sets
 from diffusers_fair.evaluation.results import read_prompts
 from diffusers_fair._utils.io import read_json
 from diffusers_fair.method.targets import TargetDistribution

@@ -23,7 +23,8 @@ from diffusers_fair.training import checkpointing
 from diffusers_fair.adaptors import hub
 from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, METADATA_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, sha256_file
 from diffusers_fair.adaptors.format import read_fair_adaptor, save_fair_adaptor
-from diffusers_fair.training.config import check_components, load_prompt_sets, resolve_prompt_sets
+from diffusers_fair.training.setup_checks import check_components
+from diffusers_fair.training.prompts import load_prompt_sets, resolve_prompt_sets
 from diffusers_fair.adaptors.pipeline import load_fair_adaptor, unload_fair_adaptor
 from diffusers_fair.method.targets import TargetDistribution
 

@@ -22,7 +22,9 @@ from torch import nn
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers_fair.training import checkpointing
 from diffusers_fair.components.base import AttributeClassifier, FaceDetection, FaceDetector, FaceEmbedder, ImageEmbedder
-from diffusers_fair.training.config import FairTrainingConfig, PromptSet, derive_seed, draw_iteration, load_prompt_sets
+from diffusers_fair.training.config import FairTrainingConfig
+from diffusers_fair.training.prompts import PromptSet, load_prompt_sets
+from diffusers_fair.training.draws import derive_seed, draw_iteration
 from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.toy import architecture, world
 from diffusers_fair.toy.tokenizer import build_tokenizer
@@ -450,7 +452,9 @@ def test_a_batch_without_faces_gets_only_the_semantics_loss(tmp_path):
 # ---------------------------------------------------------------------------- seeds
 DRAW_SCRIPT = """
 import json
-from diffusers_fair.training.config import FairTrainingConfig, PromptSet, draw_iteration
+from diffusers_fair.training.config import FairTrainingConfig
+from diffusers_fair.training.draws import draw_iteration
+from diffusers_fair.training.prompts import PromptSet
 
 config = FairTrainingConfig.toy(seed=11, images_per_prompt=4)
 sets = [PromptSet(["doctor", "nurse"], weight=3.0), PromptSet(["pilot"], weight=1.0)]

@@ -1,4 +1,4 @@
-"""What a training run is given: settings, prompt sets, and the seeded draws made from them.
+"""The settings of a training run.
 
 Every setting of a distributional-alignment run lives in one dataclass. Its defaults are the
 paper's Stable Diffusion 1.5 settings (text-encoder LoRA of rank 50, AdamW at 5e-5, EMA 0.996,
@@ -8,33 +8,20 @@ is tiny and trains on a CPU. Each field carries its explanation in ``metadata["h
 (``FairTrainingConfig.help()`` prints them all), and :meth:`FairTrainingConfig.validate` rejects
 bad values before any model is touched.
 
-A :class:`PromptSet` is a group of prompts with a sampling weight and, optionally, its own target
-distributions: one adaptor can be trained on occupations, sports and personal descriptors at once,
-oversampling the small groups. :func:`resolve_prompt_sets` and :func:`check_components` check the
-trainer's inputs against each other before any model is touched.
-
-Every random choice of an iteration (prompt, step count, noises) comes from :func:`draw_iteration`,
-a pure function of the config, the prompt sets and the iteration number, seeded through
-:func:`derive_seed`: every process draws the same, and a resumed run draws what the
-uninterrupted run would have drawn. Python's ``hash()`` is never used.
+Prompt sets (``prompts.py``), the checks of the trainer's inputs (``setup_checks.py``) and the seeded
+draws of an iteration (``draws.py``) live beside this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 
-from .._utils.io import read_json
-from ..method.targets import TargetDistribution
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 DFT_MODES = ("two_pass", "one_graph", "naive")
@@ -409,191 +396,3 @@ def _check_positive(config, name: str) -> None:
 def _check_unit_interval(name: str, value: float) -> None:
     if not (0.0 <= value <= 1.0):
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-
-
-# ---------------------------------------------------------------------- prompt sets
-@dataclass
-class PromptSet:
-    """A group of training prompts.
-
-    Attributes:
-        prompts: the prompts; each iteration draws one set, then one of its prompts uniformly.
-        weight: relative frequency with which this set is drawn (oversampling weight); sets are
-            drawn with probability ``weight / sum(weights)``, whatever their sizes.
-        targets: target distributions for this set's prompts; ``None`` uses the trainer's targets.
-        name: a label for logs.
-    """
-
-    prompts: list[str]
-    weight: float = 1.0
-    targets: list[TargetDistribution] | None = None
-    name: str = ""
-
-    def __post_init__(self):
-        if isinstance(self.prompts, str) or not isinstance(self.prompts, (list, tuple)):
-            raise ValueError(f"prompt set {self.name!r}: prompts must be a list of strings")
-        self.prompts = list(self.prompts)
-        if not self.prompts:
-            raise ValueError(f"prompt set {self.name!r} has no prompts")
-        for prompt in self.prompts:
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f"prompt set {self.name!r}: every prompt must be a non-empty string, got {prompt!r}")
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
-            math.isfinite(self.weight) and self.weight > 0
-        ):
-            raise ValueError(f"prompt set {self.name!r}: weight must be a positive number, got {self.weight!r}")
-        if self.targets is not None:
-            self.targets = list(self.targets)
-            if not self.targets or not all(isinstance(t, TargetDistribution) for t in self.targets):
-                raise ValueError(f"prompt set {self.name!r}: targets must be a non-empty list of TargetDistribution")
-
-
-def load_prompt_sets(path: str | Path) -> list[PromptSet]:
-    """Read prompt sets from a JSON file.
-
-    The file holds a list of objects ``{"name": ..., "prompts": [...], "weight": 1.0,
-    "targets": ["gender: male, female", ...]}`` (``weight``, ``targets`` and ``name`` optional;
-    targets in :meth:`TargetDistribution.parse` syntax), or a plain list of prompt strings.
-    """
-    path = Path(path)
-    data = read_json(path, "prompt set file")
-    if not isinstance(data, list) or not data:
-        raise ValueError(f"prompt set file {path} must hold a non-empty JSON list")
-    if all(isinstance(item, str) for item in data):
-        return [PromptSet(prompts=data, name=path.stem)]
-    sets = []
-    for index, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise ValueError(f"prompt set file {path}: entry {index} must be an object, got {type(item).__name__}")
-        unknown = sorted(set(item) - {"name", "prompts", "weight", "targets"})
-        if unknown:
-            raise ValueError(f"prompt set file {path}: entry {index} has unknown keys {unknown}")
-        if "prompts" not in item:
-            raise ValueError(f"prompt set file {path}: entry {index} has no 'prompts'")
-        targets = item.get("targets")
-        if targets is not None:
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise ValueError(f"prompt set file {path}: entry {index}: 'targets' must be a list of strings")
-            targets = [TargetDistribution.parse(t) for t in targets]
-        sets.append(PromptSet(prompts=item["prompts"], weight=item.get("weight", 1.0), targets=targets,
-                              name=str(item.get("name", f"set-{index}"))))
-    return sets
-
-
-# ---------------------------------------------------------------------------- checks of the trainer's inputs
-def resolve_prompt_sets(prompts, targets) -> list[PromptSet]:
-    """Normalise ``prompts`` and ``targets`` into prompt sets that each carry their targets."""
-    if isinstance(targets, TargetDistribution):
-        targets = [targets]
-    if targets is not None:
-        targets = list(targets)
-        if not targets or not all(isinstance(t, TargetDistribution) for t in targets):
-            raise ValueError("targets must be a non-empty list of TargetDistribution")
-    if isinstance(prompts, (str, PromptSet)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of prompt strings or of PromptSet")
-    prompts = list(prompts)
-    if all(isinstance(p, str) for p in prompts):
-        sets = [PromptSet(prompts=prompts, name="prompts")]
-    elif all(isinstance(p, PromptSet) for p in prompts):
-        sets = prompts
-    else:
-        raise ValueError("prompts must be all strings or all PromptSet, not a mix")
-    result = []
-    for s in sets:
-        chosen = s.targets if s.targets is not None else targets
-        if chosen is None:
-            raise ValueError(f"prompt set {s.name!r} has no targets and no trainer-wide targets were given")
-        attributes = [a for t in chosen for a in t.attributes]
-        if len(set(attributes)) != len(attributes):
-            raise ValueError(f"prompt set {s.name!r}: an attribute appears in several targets: {attributes}")
-        result.append(PromptSet(prompts=s.prompts, weight=s.weight, targets=chosen, name=s.name))
-    return result
-
-
-def check_components(components, prompt_sets: list[PromptSet], config: FairTrainingConfig) -> None:
-    for name in ("classifier", "detector", "image_embedders", "face_embedder", "reference_faces"):
-        if not hasattr(components, name):
-            raise ValueError(f"components lacks {name!r} (see diffusers_fair.components.base)")
-    classifier = components.classifier
-    known = getattr(classifier, "attributes", None)
-    if not isinstance(known, dict) or not isinstance(getattr(classifier, "input_size", None), int):
-        raise ValueError("components.classifier must have .attributes (name -> class names) and an int .input_size")
-    for prompt_set in prompt_sets:
-        for target in prompt_set.targets:
-            for attribute, classes in target.classes.items():
-                if attribute not in known:
-                    raise ValueError(f"target attribute {attribute!r} is not predicted by the classifier (it knows {sorted(known)})")
-                if tuple(known[attribute]) != tuple(classes):
-                    raise ValueError(f"the target of {attribute!r} has {len(classes)} classes {list(classes)}, the classifier "
-                                     f"{len(known[attribute])} {list(known[attribute])} (same names in the same order needed)")
-    _check_classifier_heads(classifier)
-    if config.weight_loss_img > 0 and not components.image_embedders:
-        raise ValueError("weight_loss_img > 0 needs at least one image embedder in components.image_embedders")
-    if config.weight_loss_face > 0 and components.face_embedder is None:
-        raise ValueError("weight_loss_face > 0 needs components.face_embedder")
-    bank = components.reference_faces
-    if bank is not None and (not isinstance(bank, torch.Tensor) or bank.ndim not in (2, 4) or bank.shape[0] == 0):
-        shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
-        raise ValueError(f"components.reference_faces must be (M, D) face embeddings or (M, 3, S, S) face images, got {shape}")
-
-
-def _check_classifier_heads(classifier) -> None:
-    """One no-grad forward pass on a grey face in eval mode: every head gives one logit per declared class."""
-    parameter = next(iter(classifier.parameters()), None) if isinstance(classifier, torch.nn.Module) else None
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    training = bool(getattr(classifier, "training", False))
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        if training:
-            classifier.eval()
-        try:
-            logits = classifier(torch.full((1, 3, classifier.input_size, classifier.input_size), 0.5, device=device))
-        finally:
-            if training:
-                classifier.train()
-    for attribute, classes in classifier.attributes.items():
-        out = logits.get(attribute) if isinstance(logits, dict) else None
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, len(classes)):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"the classifier's {attribute!r} head gives logits of shape {shape} for one face, expected "
-                             f"(1, {len(classes)}) for its classes {list(classes)}")
-
-
-# ---------------------------------------------------------------------------- seeded draws
-def derive_seed(*keys: int | str) -> int:
-    """A 63-bit seed from integers and strings, identical on every process and platform."""
-    entropy = [int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little") if isinstance(k, str) else int(k)
-               for k in keys]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]) & (2**63 - 1)
-
-
-@dataclass
-class TrainingDraw:
-    """The random choices of one prompt of one iteration.
-
-    Attributes:
-        prompt_set: index of the drawn prompt set.
-        prompt: the drawn prompt (without soft tokens).
-        num_inference_steps: the sampling step count.
-        noise: ``(images_per_prompt, C, h, w)`` float32 CPU initial noises of the whole batch;
-            process ``p`` of ``P`` takes rows ``p * n / P`` to ``(p + 1) * n / P``.
-        ot_seed: seed of the Monte Carlo draws of the expected-OT targets.
-    """
-
-    prompt_set: int
-    prompt: str
-    num_inference_steps: int
-    noise: torch.Tensor
-    ot_seed: int
-
-
-def draw_iteration(config: FairTrainingConfig, prompt_sets: list[PromptSet], latent_shape: tuple[int, int, int],
-                   iteration: int, index: int = 0) -> TrainingDraw:
-    """Draw prompt, step count and noises of prompt ``index`` of ``iteration`` (pure and seeded)."""
-    generator = torch.Generator().manual_seed(derive_seed(config.seed, iteration, index, "draw"))
-    weights = torch.tensor([s.weight for s in prompt_sets], dtype=torch.float64)
-    set_index = int(torch.multinomial(weights, 1, generator=generator))
-    prompts = prompt_sets[set_index].prompts
-    prompt = prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
-    steps = int(torch.randint(config.min_inference_steps, config.max_inference_steps + 1, (1,), generator=generator))
-    noise = torch.randn((config.images_per_prompt, *latent_shape), generator=generator)
-    return TrainingDraw(set_index, prompt, steps, noise, derive_seed(config.seed, iteration, index, "ot"))

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import FairTrainingConfig, derive_seed
+from .config import FairTrainingConfig
+from .draws import derive_seed
 
 
 @dataclass

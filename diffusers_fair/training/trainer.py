@@ -38,7 +38,10 @@ from tqdm.auto import tqdm
 
 from . import checkpointing, trainable
 from ..method import losses
-from .config import FairTrainingConfig, TrainingDraw, check_components, derive_seed, draw_iteration, resolve_prompt_sets
+from .config import FairTrainingConfig
+from .draws import TrainingDraw, derive_seed, draw_iteration
+from .setup_checks import check_components
+from .prompts import resolve_prompt_sets
 from ..method.dft import adjusted_backward, check_scheduler, sample_latents
 from ..method.boxes import crop_faces, expand_boxes
 
