@@ -6,24 +6,30 @@ photograph (shipped inside the scikit-image wheel). Preprocessing is compared wi
 own pipelines (open_clip's transform, transformers' image processors, PIL).
 """
 
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.components import TINY_CLIP, dinov2_processors, head, to_tensor
+from helpers.scripts import load_script
 from PIL import Image
-from skimage import data as skimage_data
 
-from diffusers_fair.components.classifiers import FAIRFACE_ATTRIBUTES, MobileNetAttributeClassifier
+from diffusers_fair.components.classifiers import (
+    FAIRFACE_ATTRIBUTES,
+    MobileNetAttributeClassifier,
+)
 from diffusers_fair.components.clip import (
     CLIPZeroShotClassifier,
     OpenCLIPImageEmbedder,
     resize_and_center_crop,
 )
-from diffusers_fair.components.dinov2 import IMAGENET_MEAN, IMAGENET_STD, DINOv2ImageEmbedder
+from diffusers_fair.components.dinov2 import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DINOv2ImageEmbedder,
+)
 from diffusers_fair.components.face_embedder import (
     ReferenceFaceSet,
     TorchvisionFaceEmbedder,
@@ -36,25 +42,7 @@ from diffusers_fair.components.mediapipe_detector import (
 from diffusers_fair.method.boxes import crop_faces
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_CLIP = "diffusers-fair-tiny-test-clip"
-
-
 # --------------------------------------------------------------------------- shared data
-def to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255
-
-
-@pytest.fixture(scope="module")
-def astronaut() -> np.ndarray:
-    return skimage_data.astronaut()  # (512, 512, 3) uint8, one face at about x 177-272, y 82-177
-
-
-def head(astronaut: np.ndarray, side: int) -> np.ndarray:
-    """The astronaut's head and shoulders, resized to side x side."""
-    return np.asarray(Image.fromarray(astronaut[20:260, 110:350]).resize((side, side), Image.BICUBIC))
-
-
 @pytest.fixture(scope="module")
 def detector():
     with MediaPipeFaceDetector() as detector:
@@ -62,10 +50,7 @@ def detector():
 
 
 def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 # --------------------------------------------------------------------------- MediaPipe detector
@@ -203,23 +188,6 @@ def test_resize_and_center_crop_rejects_bad_arguments():
 
 
 # --------------------------------------------------------------------------- open_clip
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A random-weight open_clip CLIP built through open_clip's own factory from a registered config."""
-    import open_clip
-
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    path = tmp_path_factory.mktemp("open_clip") / f"{TINY_CLIP}.json"
-    path.write_text(json.dumps(config))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    return OpenCLIPImageEmbedder.from_pretrained(TINY_CLIP, pretrained=None)
-
-
 def open_clip_reference(embedder: OpenCLIPImageEmbedder, pixels: np.ndarray) -> torch.Tensor:
     """open_clip's own inference transform (PIL) for the embedder's settings."""
     import open_clip
@@ -312,31 +280,6 @@ def test_open_clip_embedder_needs_preprocessing_settings(tiny_clip):
 
 
 # --------------------------------------------------------------------------- DINOv2
-@pytest.fixture(scope="module")
-def tiny_dinov2():
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          patch_size=14, image_size=56)
-    return Dinov2Model(config)
-
-
-def dinov2_processors():
-    """facebook/dinov2-base's processor settings, in both of transformers' backends."""
-    from transformers import BitImageProcessor
-    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
-
-    settings = {
-        "size": {"shortest_edge": 256},
-        "crop_size": {"height": 224, "width": 224},
-        "resample": 3,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-    }
-    return [BitImageProcessor(**settings), BitImageProcessorPil(**settings)]
-
-
 @pytest.mark.parametrize("shape", [(512, 512), (301, 437), (437, 301)])
 def test_dinov2_preprocessing_matches_transformers_processors(tiny_dinov2, astronaut, shape):
     pixels = np.array(Image.fromarray(astronaut).resize(shape[::-1], Image.BICUBIC))

@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
-from test_adaptors import PROMPT, text_states, tiny_pipeline
+from helpers.adaptors import PROMPT, text_states, tiny_pipeline
 
 from diffusers_fair.adaptors import convert
-from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, SD15
 from diffusers_fair.adaptors.format import read_fair_adaptor
+from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, SD15
 from diffusers_fair.adaptors.pipeline import add_fair_tokens, load_fair_adaptor
 
 RANK = 3

@@ -74,8 +74,8 @@ def test_shipped_toy_adaptor_loads_by_name():
 
 
 def test_experiment_lists_the_attributes_its_targets_cover():
-    from diffusers_fair.toy.demo import ToyExperiment
     from diffusers_fair.method.targets import TargetDistribution
+    from diffusers_fair.toy.demo import ToyExperiment
 
     joint = TargetDistribution.parse("hair_colour: dark, grey * hair_length: short, long")
     experiment = ToyExperiment("x", "x", [joint])
@@ -83,10 +83,11 @@ def test_experiment_lists_the_attributes_its_targets_cover():
 
 
 def test_image_similarity_is_one_for_the_same_images_and_lower_for_others():
-    from diffusers_fair.toy.demo import image_similarity
-    from diffusers_fair.toy.components import load_toy_components
-    from diffusers_fair.toy.render import random_traits, render
     import numpy as np
+
+    from diffusers_fair.toy.components import load_toy_components
+    from diffusers_fair.toy.demo import image_similarity
+    from diffusers_fair.toy.render import random_traits, render
 
     components = load_toy_components()
     rng = np.random.default_rng(0)
@@ -100,8 +101,8 @@ def test_image_similarity_is_one_for_the_same_images_and_lower_for_others():
 
 
 def test_a_soft_token_experiment_is_audited_with_its_tokens(tmp_path):
-    from diffusers_fair.toy.demo import ToyExperiment, run_experiment
     from diffusers_fair.method.targets import TargetDistribution
+    from diffusers_fair.toy.demo import ToyExperiment, run_experiment
 
     experiment = ToyExperiment("toy-soft", "soft tokens", [TargetDistribution.uniform("hair_length", ["short", "long"])],
                                trainable={"train_text_encoder_lora": False, "num_soft_tokens": 2})
@@ -115,8 +116,8 @@ def test_a_soft_token_experiment_is_audited_with_its_tokens(tmp_path):
 
 
 def test_every_shipped_toy_adaptor_loads_and_matches_its_index_entry():
-    from diffusers_fair.adaptors import hub
     from diffusers_fair import load_fair_adaptor
+    from diffusers_fair.adaptors import hub
 
     local = {name: e for name, e in hub.load_index().items() if e.status == "local"}
     assert {"toy-gender", "toy-gender-race", "toy-gender-race-age", "toy-gender-soft-tokens"} <= set(local)

@@ -19,7 +19,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from diffusers_fair.method.dft import DFTResult, adjusted_backward, sample_latents, step_coefficients
+from diffusers_fair.method.dft import (
+    DFTResult,
+    adjusted_backward,
+    sample_latents,
+    step_coefficients,
+)
 
 DTYPE = torch.float64
 STEPS = 4

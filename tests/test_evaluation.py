@@ -18,10 +18,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from diffusers_fair.evaluation.results import EvalResult, ImageReadout, PromptResult, read_prompts
-from diffusers_fair.evaluation.metrics import bias_floor, bias_metric, class_counts, joint_classes, joint_counts
-from diffusers_fair.evaluation.audit import clip_text_embedder, evaluate, initial_noise, read_faces
+from diffusers_fair.evaluation.audit import (
+    clip_text_embedder,
+    evaluate,
+    initial_noise,
+    read_faces,
+)
+from diffusers_fair.evaluation.metrics import (
+    bias_floor,
+    bias_metric,
+    class_counts,
+    joint_classes,
+    joint_counts,
+)
 from diffusers_fair.evaluation.report import short_labels, write_report
+from diffusers_fair.evaluation.results import (
+    EvalResult,
+    ImageReadout,
+    PromptResult,
+    read_prompts,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of the face of a banker, a person", "a photo of the face of a welder, a person",
@@ -271,7 +287,7 @@ def test_resume_reuses_finished_prompts(toy_pipe, toy_components, tmp_path):
 
 
 def test_cli_eval_with_an_adaptor_writes_the_report(toy_pipe, tmp_path):
-    from test_adaptors import save_random_adaptor
+    from helpers.adaptors import save_random_adaptor
 
     from diffusers_fair.cli import main
 

@@ -1,20 +1,13 @@
 """The toy-world example scripts run end to end at a tiny size; the adaptor ship script builds its index entries."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+from helpers.scripts import load_script
 
 
-def load(name: str, folder: Path = EXAMPLES):
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load(name: str, folder: str = "examples"):
+    return load_script(folder, name)
 
 
 def test_dft_variants_share_the_first_loss_and_then_differ(tmp_path):
@@ -97,7 +90,7 @@ def test_paper_effects_pass_the_overridden_settings_to_each_run(tmp_path, monkey
 
 
 def test_ship_script_builds_the_index_entry_from_the_run(tmp_path):
-    script = load("ship_toy_adaptors", SCRIPTS)
+    script = load("ship_toy_adaptors", "scripts")
     run = tmp_path / "gender"
     (run / "adaptor").mkdir(parents=True)
     (run / "adaptor" / "fair_adaptor.json").write_text(json.dumps({

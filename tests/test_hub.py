@@ -26,12 +26,16 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
+from helpers.adaptors import save_random_adaptor, text_states, tiny_pipeline
 from huggingface_hub import constants
 from huggingface_hub.utils import filter_repo_objects
-from test_adaptors import save_random_adaptor, text_states, tiny_pipeline
 
 from diffusers_fair.adaptors import hub
-from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, METADATA_NAME, TOY_BASE_MODEL
+from diffusers_fair.adaptors.metadata import (
+    LORA_WEIGHT_NAME,
+    METADATA_NAME,
+    TOY_BASE_MODEL,
+)
 from diffusers_fair.adaptors.pipeline import load_fair_adaptor
 
 REPO = "fair-test/toy-gender"

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from test_adaptors import (
+from helpers.adaptors import (
     PROMPT,
     LoraHooks,
+    assert_same,
     generate,
     make_metadata,
+    pipeline_state,
     random_lora,
     save_random_adaptor,
     text_states,
@@ -23,9 +25,15 @@ from test_adaptors import (
 )
 
 from diffusers_fair.adaptors import hub
-from diffusers_fair.adaptors.metadata import TOY_BASE_MODEL
 from diffusers_fair.adaptors.format import save_fair_adaptor
-from diffusers_fair.adaptors.pipeline import FairFinetunePipeline, add_fair_tokens, fair_adaptors, load_fair_adaptor, unload_fair_adaptor
+from diffusers_fair.adaptors.metadata import TOY_BASE_MODEL
+from diffusers_fair.adaptors.pipeline import (
+    FairFinetunePipeline,
+    add_fair_tokens,
+    fair_adaptors,
+    load_fair_adaptor,
+    unload_fair_adaptor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +48,6 @@ def adaptors(tmp_path_factory):
     out["soft"] = (root / "soft", *save_random_adaptor(root / "soft", shapes, seed=4, text_encoder=False, soft_tokens=3, name="soft"))
     out["both"] = (root / "both", *save_random_adaptor(root / "both", shapes, seed=5, soft_tokens=2, soft_token="<both>", name="both"))
     return out
-
-
-def snapshot(pipe):
-    """What must not change when a load fails: images, text states, adapters, vocabulary."""
-    return {
-        "image": generate(pipe),
-        "text": text_states(pipe),
-        "adapters": pipe.get_list_adapters(),
-        "vocab": len(pipe.tokenizer),
-        "vocab_size": pipe.text_encoder.config.vocab_size,
-        "fair": list(fair_adaptors(pipe)),
-    }
-
-
-def assert_same(before, after):
-    assert np.array_equal(before["image"], after["image"])
-    assert torch.equal(before["text"], after["text"])
-    for key in ("adapters", "vocab", "vocab_size", "fair"):
-        assert before[key] == after[key], key
 
 
 # --------------------------------------------------------------------------- no adaptor
@@ -131,7 +120,7 @@ def test_lora_adaptor_equals_stock_load_lora_weights_and_hooks(adaptors):
 
 def test_two_adaptors_combine_with_weights_and_unload(adaptors):
     pipe = tiny_pipeline(0)
-    base = snapshot(pipe)
+    base = pipeline_state(pipe)
     folder_a, _, state_a, _, _ = adaptors["a"]
     folder_b, _, state_b, _, _ = adaptors["b"]
     load_fair_adaptor(pipe, folder_a, weight=0.5)
@@ -151,7 +140,7 @@ def test_two_adaptors_combine_with_weights_and_unload(adaptors):
     with pytest.raises(ValueError, match="no fair adaptor named 'lora-a'"):
         unload_fair_adaptor(pipe, "lora-a")
     unload_fair_adaptor(pipe)
-    assert_same(base, snapshot(pipe))  # unfused unload restores the pipeline bit for bit
+    assert_same(base, pipeline_state(pipe))  # unfused unload restores the pipeline bit for bit
     assert "base_layer" not in "".join(pipe.text_encoder.state_dict())  # LoRA wrappers removed too
 
 
@@ -238,7 +227,7 @@ def test_failed_load_leaves_pipeline_unchanged(case, message, adaptors, shapes, 
     pipe = tiny_pipeline(0, cls=FairFinetunePipeline)
     load_fair_adaptor(pipe, adaptors["a"][0], weight=0.7)
     load_fair_adaptor(pipe, adaptors["soft"][0])
-    before = snapshot(pipe)
+    before = pipeline_state(pipe)
 
     target = adaptors["both"][0]
     kwargs = {}
@@ -278,7 +267,7 @@ def test_failed_load_leaves_pipeline_unchanged(case, message, adaptors, shapes, 
     if case == "base model":
         pipe.register_to_config(_name_or_path=None)
     monkeypatch.undo()
-    assert_same(before, snapshot(pipe))
+    assert_same(before, pipeline_state(pipe))
     assert {n: a.weight for n, a in fair_adaptors(pipe).items()} == {"lora-a": 0.7, "soft": 1.0}
 
 

@@ -10,23 +10,35 @@ import json
 import math
 import re
 
+import helpers.training as T
 import pytest
 import torch
+from helpers.adaptors import (
+    assert_same,
+    make_metadata,
+    pipeline_state,
+    random_lora,
+    save_random_adaptor,
+    tiny_pipeline,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from test_adaptors import make_metadata, random_lora, save_random_adaptor, tiny_pipeline
-from test_pipeline import assert_same, snapshot
 
-import test_trainer as T
-from diffusers_fair.training import checkpointing
 from diffusers_fair.adaptors import hub
-from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, METADATA_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, sha256_file
 from diffusers_fair.adaptors.format import read_fair_adaptor, save_fair_adaptor
-from diffusers_fair.training.setup_checks import check_components
-from diffusers_fair.training.prompts import load_prompt_sets, resolve_prompt_sets
+from diffusers_fair.adaptors.metadata import (
+    LORA_WEIGHT_NAME,
+    METADATA_NAME,
+    SOFT_TOKENS_NAME,
+    FairAdaptorMetadata,
+    sha256_file,
+)
 from diffusers_fair.adaptors.pipeline import load_fair_adaptor, unload_fair_adaptor
 from diffusers_fair.method.targets import TargetDistribution
+from diffusers_fair.training import checkpointing
+from diffusers_fair.training.prompts import load_prompt_sets, resolve_prompt_sets
+from diffusers_fair.training.setup_checks import check_components
 
 
 # --------------------------------------------------------------------------- targets and configs
@@ -78,7 +90,7 @@ class BatchNormClassifier(T.TinyClassifier):
 def test_classifier_head_width_is_checked_before_the_pipeline_is_touched(tmp_path):
     components = T.stub_components()
     components.classifier = NarrowRaceHead()
-    pipe = T.tiny_pipeline()
+    pipe = T.tiny_training_pipeline()
     with pytest.raises(ValueError, match=r"'race' head gives logits of shape \(1, 3\) .* expected \(1, 4\)"):
         T.DistributionalAlignmentTrainer(T.tiny_config(tmp_path), pipe, [T.GENDER], T.PROMPTS, components)
     assert all(p.requires_grad for p in pipe.unet.parameters())  # not even frozen yet
@@ -119,15 +131,15 @@ def test_truncated_or_pickled_weight_files_give_clear_errors(shapes, tmp_path):
     with pytest.raises(ValueError, match=f"{SOFT_TOKENS_NAME} is a PyTorch pickle"):
         adaptor.soft_tokens()
     pipe = tiny_pipeline(0)
-    before = snapshot(pipe)
+    before = pipeline_state(pipe)
     with pytest.raises(ValueError, match="PyTorch pickle"):
         load_fair_adaptor(pipe, tmp_path)
-    assert_same(before, snapshot(pipe))
+    assert_same(before, pipeline_state(pipe))
 
 
 def test_pickle_files_and_folders_are_refused(shapes, tmp_path):
     pipe = tiny_pipeline(0)
-    before = snapshot(pipe)
+    before = pipeline_state(pipe)
     pth = tmp_path / "text_encoder_lora_EMA.pth"
     torch.save({"w": torch.zeros(2)}, pth)
     with pytest.raises(ValueError, match="is a file, not a fair adaptor folder: PyTorch pickles are never loaded.*diffusers-fair convert"):
@@ -137,7 +149,7 @@ def test_pickle_files_and_folders_are_refused(shapes, tmp_path):
     save_random_adaptor(tmp_path / "adaptor", shapes)
     with pytest.raises(ValueError, match=f"is a file, not a fair adaptor folder: give the folder holding it and its {METADATA_NAME}"):
         load_fair_adaptor(pipe, tmp_path / "adaptor" / LORA_WEIGHT_NAME)
-    assert_same(before, snapshot(pipe))
+    assert_same(before, pipeline_state(pipe))
 
 
 @pytest.mark.parametrize("which, message", [("lora_A", "takes 48 inputs, the layer has 256"),
@@ -150,37 +162,37 @@ def test_lora_layer_of_another_architecture_is_refused_unchanged(which, message,
     save_random_adaptor(tmp_path / "ok", shapes, seed=1, name="ok")
     pipe = tiny_pipeline(0)
     load_fair_adaptor(pipe, tmp_path / "ok")
-    before = snapshot(pipe)
+    before = pipeline_state(pipe)
     with pytest.raises(ValueError, match=message):
         load_fair_adaptor(pipe, tmp_path / "bad")
-    assert_same(before, snapshot(pipe))
+    assert_same(before, pipeline_state(pipe))
 
 
 def test_soft_token_file_of_another_width_is_refused_unchanged(shapes, tmp_path):
     save_random_adaptor(tmp_path, shapes, text_encoder=False, soft_tokens=2, name="soft")
     _overwrite_keeping_hashes(tmp_path, SOFT_TOKENS_NAME, lambda p: save_file({"<fair>": torch.zeros(2, 32)}, str(p)))
     pipe = tiny_pipeline(0)
-    before = snapshot(pipe)
+    before = pipeline_state(pipe)
     with pytest.raises(ValueError, match="soft tokens have size 32, the text encoder 64"):
         load_fair_adaptor(pipe, tmp_path)
-    assert_same(before, snapshot(pipe))
+    assert_same(before, pipeline_state(pipe))
 
 
 def test_loading_twice_and_unloading_what_is_not_loaded(shapes, tmp_path):
     save_random_adaptor(tmp_path, shapes, soft_tokens=2, name="twice")
     pipe = tiny_pipeline(0)
-    empty = snapshot(pipe)
+    empty = pipeline_state(pipe)
     with pytest.raises(ValueError, match="no fair adaptor is loaded .*nothing to unload"):
         unload_fair_adaptor(pipe)
     with pytest.raises(ValueError, match="no fair adaptor is loaded"):
         unload_fair_adaptor(pipe, "twice")
     load_fair_adaptor(pipe, tmp_path)
-    loaded = snapshot(pipe)
+    loaded = pipeline_state(pipe)
     with pytest.raises(ValueError, match="an adapter named 'twice' is already loaded"):
         load_fair_adaptor(pipe, tmp_path)
-    assert_same(loaded, snapshot(pipe))
+    assert_same(loaded, pipeline_state(pipe))
     unload_fair_adaptor(pipe)
-    assert_same(empty, snapshot(pipe))  # the refused unloads before changed nothing either
+    assert_same(empty, pipeline_state(pipe))  # the refused unloads before changed nothing either
     with pytest.raises(ValueError, match="nothing to unload"):
         unload_fair_adaptor(pipe)
 

@@ -21,25 +21,31 @@ few images, see ``random_classifier``, so that its probabilities differ between 
 run with a plain random VAE covers images without faces (only the image-semantics loss applies).
 """
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler
 from diffusers.models.autoencoders.vae import DecoderOutput
+from helpers.components import TINY_CLIP, dinov2_processors, head, to_tensor
+from helpers.scripts import load_script
+from helpers.training import tiny_training_pipeline
 from safetensors.torch import save_file
-from test_components_real import TINY_CLIP, dinov2_processors, head, tiny_clip, tiny_dinov2, to_tensor  # noqa: F401
-from test_trainer import tiny_pipeline
 
 from diffusers_fair.adaptors.format import read_fair_adaptor
-from diffusers_fair.components.classifiers import FAIRFACE_ATTRIBUTES, MobileNetAttributeClassifier
+from diffusers_fair.adaptors.pipeline import load_fair_adaptor
+from diffusers_fair.components.classifiers import (
+    FAIRFACE_ATTRIBUTES,
+    MobileNetAttributeClassifier,
+)
 from diffusers_fair.components.clip import CLIPZeroShotClassifier, OpenCLIPImageEmbedder
 from diffusers_fair.components.dinov2 import DINOv2ImageEmbedder
-from diffusers_fair.components.face_embedder import ReferenceFaceSet, TorchvisionFaceEmbedder
+from diffusers_fair.components.face_embedder import (
+    ReferenceFaceSet,
+    TorchvisionFaceEmbedder,
+)
 from diffusers_fair.components.mediapipe_detector import MediaPipeFaceDetector
 from diffusers_fair.components.stable_diffusion import (
     ClassifierSettings,
@@ -47,7 +53,6 @@ from diffusers_fair.components.stable_diffusion import (
     SD15ComponentSettings,
     load_sd15_components,
 )
-from diffusers_fair.adaptors.pipeline import load_fair_adaptor
 from diffusers_fair.method.targets import TargetDistribution
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,17 +68,13 @@ TINY_TRAINING = dict(num_iterations=2, images_per_prompt=4, micro_batch_size=4, 
                      gradient_checkpointing=False, log_with="none", sample_every=0, checkpoint_every=0, progress=False)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_sd15", ROOT / "examples" / "train_sd15.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
-    spec.loader.exec_module(module)
-    return module
+def load_train_sd15():
+    return load_script("examples", "train_sd15")
 
 
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return load_train_sd15()
 
 
 @pytest.fixture
@@ -98,7 +99,7 @@ class BackdropVAE(AutoencoderKL):
 
 def tiny_sd15_pipeline(photo: torch.Tensor | None, seed: int = 0):
     """``test_trainer``'s tiny pipeline with an 8x VAE (64x64 images) and SD 1.5's scheduler config."""
-    pipe = tiny_pipeline(seed)
+    pipe = tiny_training_pipeline(seed)
     torch.manual_seed(seed + 1)
     vae_class = AutoencoderKL if photo is None else BackdropVAE
     vae = vae_class(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,

@@ -1,20 +1,14 @@
 """benchmarks/toy_text_probe.py: the ridge probe is exact on linear data; the shipped text encoder carries the skews."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "toy_text_probe.py"
+from helpers.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def probe_script():
-    spec = importlib.util.spec_from_file_location("toy_text_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks", "toy_text_probe")
 
 
 def test_ridge_fit_without_penalty_recovers_a_linear_map(probe_script):

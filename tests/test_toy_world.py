@@ -17,7 +17,14 @@ from diffusers_fair.method.boxes import crop_faces, expand_boxes
 from diffusers_fair.toy import world
 from diffusers_fair.toy.audit import AuditResult, audit_pipeline, per_word_correlation
 from diffusers_fair.toy.components import WEIGHTS_DIR, face_crops, load_toy_components
-from diffusers_fair.toy.render import SCENE_PARAMETERS, SKIN_TONES, TRAITS, random_traits, render, scene_vector
+from diffusers_fair.toy.render import (
+    SCENE_PARAMETERS,
+    SKIN_TONES,
+    TRAITS,
+    random_traits,
+    render,
+    scene_vector,
+)
 
 # Seeds far from the ones train_components.py renders its pools with (seed * 1000 + 1..4).
 FRESH_SEED = 987_654

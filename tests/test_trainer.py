@@ -5,136 +5,40 @@ with a much smaller U-Net and VAE (16x16 images); the components are stubs defin
 conv classifier, a detector that returns the whole image as the face, random-feature embedders.
 """
 
-import copy
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from helpers.training import (
+    GENDER,
+    PROMPTS,
+    RACE,
+    ROOT,
+    make_trainer,
+    stub_components,
+    tiny_config,
+    tiny_training_pipeline,
+)
 
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers_fair.training import checkpointing
-from diffusers_fair.components.base import AttributeClassifier, FaceDetection, FaceDetector, FaceEmbedder, ImageEmbedder
-from diffusers_fair.training.config import FairTrainingConfig
-from diffusers_fair.training.prompts import PromptSet, load_prompt_sets
-from diffusers_fair.training.draws import derive_seed, draw_iteration
 from diffusers_fair.method.targets import TargetDistribution
-from diffusers_fair.toy import architecture, world
-from diffusers_fair.toy.tokenizer import build_tokenizer
-from diffusers_fair.training.trainer import DistributionalAlignmentTrainer, ema_decay_at, learning_rate_at
-
-ROOT = Path(__file__).resolve().parents[1]
-ATTRIBUTES = {"gender": ["male", "female"], "race": ["a", "b", "c", "d"], "age": ["young", "old"]}
-GENDER = TargetDistribution.uniform("gender", ATTRIBUTES["gender"])
-RACE = TargetDistribution.uniform("race", ATTRIBUTES["race"])
-PROMPTS = ["a photo of the face of a doctor", "a photo of the face of a nurse", "a photo of the face of a pilot"]
-_TOKENIZER = []
+from diffusers_fair.training import checkpointing
+from diffusers_fair.training.config import FairTrainingConfig
+from diffusers_fair.training.draws import derive_seed, draw_iteration
+from diffusers_fair.training.prompts import PromptSet, load_prompt_sets
+from diffusers_fair.training.trainer import (
+    DistributionalAlignmentTrainer,
+    ema_decay_at,
+    learning_rate_at,
+)
 
 
 # ---------------------------------------------------------------------------- a tiny world
-def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    if not _TOKENIZER:
-        _TOKENIZER.append(build_tokenizer(world.vocabulary()))
-    tokenizer = copy.deepcopy(_TOKENIZER[0])
-    torch.manual_seed(seed)
-    text_encoder = architecture.make_text_encoder(tokenizer)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        cross_attention_dim=architecture.TEXT_HIDDEN, attention_head_dim=2, norm_num_groups=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                        layers_per_block=1, sample_size=16)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=architecture.make_sampler(), safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
-
-
-class TinyClassifier(AttributeClassifier):
-    def __init__(self, input_size: int = 8):
-        super().__init__()
-        self.attributes = {a: list(c) for a, c in ATTRIBUTES.items()}
-        self.input_size = input_size
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.heads = nn.ModuleDict({a: nn.Linear(8, len(c)) for a, c in ATTRIBUTES.items()})
-        self.poison = False  # return NaN logits (tests of the NaN handling)
-
-    def forward(self, faces):
-        features = torch.tanh(self.conv(faces * 2 - 1)).mean(dim=(2, 3))
-        logits = {a: 3 * head(features) for a, head in self.heads.items()}
-        return {a: l * float("nan") for a, l in logits.items()} if self.poison else logits
-
-
-class WholeImageDetector(FaceDetector):
-    """Every image is a face filling the frame (or no image is, with ``none=True``)."""
-
-    def __init__(self, none: bool = False):
-        self.none = none
-
-    def detect(self, images):
-        n, _, h, w = images.shape
-        found = torch.full((n,), not self.none)
-        boxes = torch.tensor([0.0, 0.0, w, h]).repeat(n, 1) * found[:, None]
-        return FaceDetection(boxes=boxes, found=found, scores=found.float())
-
-
-class RandomEmbedder(ImageEmbedder):
-    def __init__(self, dim: int = 16):
-        super().__init__()
-        self.conv = nn.Conv2d(3, dim, 4, stride=4)
-        self.poison = False
-
-    def forward(self, images):
-        out = torch.tanh(self.conv(images)).mean(dim=(2, 3))
-        return out * float("nan") if self.poison else out
-
-
-class RandomFaceEmbedder(FaceEmbedder):
-    def __init__(self, input_size: int = 8, dim: int = 12):
-        super().__init__()
-        self.input_size = input_size
-        self.linear = nn.Linear(3 * input_size * input_size, dim)
-
-    def forward(self, faces):
-        return self.linear(faces.flatten(1))
-
-
-@dataclass
-class StubComponents:
-    classifier: AttributeClassifier
-    detector: FaceDetector
-    image_embedders: list
-    face_embedder: FaceEmbedder
-    reference_faces: torch.Tensor
-
-
-def stub_components(seed: int = 0, no_faces: bool = False) -> StubComponents:
-    torch.manual_seed(seed)
-    return StubComponents(TinyClassifier(), WholeImageDetector(no_faces), [RandomEmbedder(), RandomEmbedder(8)],
-                          RandomFaceEmbedder(), torch.randn(10, 12))
-
-
-def tiny_config(tmp_path, **overrides) -> FairTrainingConfig:
-    settings = dict(output_dir=str(tmp_path / "run"), num_iterations=2, images_per_prompt=4, micro_batch_size=4,
-                    min_inference_steps=2, max_inference_steps=3, guidance_scale=2.0, log_with="none", sample_every=0,
-                    checkpoint_every=0, progress=False, text_encoder_lora_rank=2, unet_lora_rank=2, learning_rate=1e-2)
-    settings.update(overrides)
-    return FairTrainingConfig.toy(**settings)
-
-
-def make_trainer(tmp_path, targets=(GENDER * RACE,), prompts=PROMPTS, components=None, **overrides):
-    return DistributionalAlignmentTrainer(tiny_config(tmp_path, **overrides), tiny_pipeline(), list(targets), prompts,
-                                          components or stub_components())
-
-
 # ---------------------------------------------------------------------------- config
 def test_config_defaults_are_the_papers_sd15_settings():
     c = FairTrainingConfig()
@@ -268,7 +172,7 @@ def test_prompt_sets_and_their_file(tmp_path):
     (None, PROMPTS, "no targets"),
 ])
 def test_trainer_rejects_bad_targets_and_prompts_before_touching_the_pipeline(tmp_path, targets, prompts, match):
-    pipe = tiny_pipeline()
+    pipe = tiny_training_pipeline()
     with pytest.raises(ValueError, match=match):
         DistributionalAlignmentTrainer(tiny_config(tmp_path), pipe, targets, prompts, stub_components())
     assert not getattr(pipe.text_encoder, "_hf_peft_config_loaded", False)
@@ -291,7 +195,7 @@ def test_trainer_rejects_bad_setups_before_touching_the_pipeline(tmp_path):
         (dict(num_soft_tokens=2, soft_token_prefix="<taken>"), "already in the tokenizer"),
     ]
     for overrides, match in cases:
-        pipe = tiny_pipeline()
+        pipe = tiny_training_pipeline()
         pipe.tokenizer.add_tokens(["<taken>_1"])
         vocabulary = len(pipe.tokenizer)
         components = overrides.pop("components", None) or stub_components()
@@ -332,7 +236,7 @@ def test_one_iteration_changes_only_the_trained_weights(tmp_path):
 
 def test_soft_tokens_go_into_the_prompt_only_and_the_frozen_model_has_no_adapters(tmp_path):
     trainer = make_trainer(tmp_path, num_soft_tokens=3)
-    twin = tiny_pipeline()
+    twin = tiny_training_pipeline()
     assert trainer.soft_token_names == ["<fair>", "<fair>_1", "<fair>_2"]
     with torch.no_grad():
         trainer.params["soft_tokens"].normal_()
@@ -577,7 +481,8 @@ def test_logs_sample_grids_and_loss_curve(tmp_path):
 
 
 def test_save_adaptor_writes_the_ema_weights(tmp_path, monkeypatch):
-    from diffusers_fair.adaptors import format as adaptors, hub
+    from diffusers_fair.adaptors import format as adaptors
+    from diffusers_fair.adaptors import hub
 
     trainer = make_trainer(tmp_path, num_soft_tokens=2, ema_decay=0.5)
     trainer.train_step()

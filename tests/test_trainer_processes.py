@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.training import ROOT, make_trainer
 
-from diffusers_fair.training import checkpointing
 from diffusers_fair.adaptors.format import read_fair_adaptor
-from test_trainer import ROOT, make_trainer
+from diffusers_fair.training import checkpointing
 
 WORKER = """
 import json, os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 import torch
-import test_trainer as T
+import helpers.training as T
 from diffusers_fair.training.trainer import DistributionalAlignmentTrainer
 
 tmp = Path({tmp!r})
