@@ -24,8 +24,9 @@ prompt produces follow a target distribution of protected attributes. It holds:
     A Hub model card (huggingface_hub ``ModelCard``) following MODEL_CARD.md.
 
 Use :func:`save_fair_adaptor` to write one (the trainer does) and :func:`read_fair_adaptor` to
-read and verify one. Loading into a pipeline lives in ``pipeline.py``; the Hub and the index of
-named adaptors in ``hub.py``; the converter of the original release's files in ``convert.py``.
+read and verify one. Beside this module: the metadata in ``metadata.py``, the model card in
+``model_card.py``, loading into a pipeline in ``pipeline.py``, the Hub and the index of named
+adaptors in ``hub.py``, the converter of the original release's files in ``convert.py``.
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def load_fair_adaptor(
         fuse: merge the active fair LoRA weights into the base weights (faster sampling).
         token: Hub token for private repos.
         check_base_model: refuse an adaptor trained on another base model (where the pipeline's
-            base model can be told; see ``adaptors.base_model_id``).
+            base model can be told; see :func:`~diffusers_fair.adaptors.metadata.base_model_id`).
 
     Returns:
         The :class:`LoadedFairAdaptor` record (also in ``fair_adaptors(pipe)``).

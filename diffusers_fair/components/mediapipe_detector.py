@@ -56,10 +56,10 @@ class MediaPipeDetectorConfig:
         box_expansion: the returned box is a square this many times the detected box's longer side,
             about the same centre (1.5 as in the paper's code; 1.0 returns BlazeFace's own box).
         shift_inside: move a square that crosses the image border back inside the image (where it
-            fits), as ``faces.expand_boxes(..., image_size)`` does; the crop then holds only image
-            pixels, with the face off-centre. ``False`` keeps the square centred on the face and
-            :func:`~diffusers_fair.method.boxes.crop_faces` reads zeros outside the image, as the paper's
-            code padded with black.
+            fits), as :func:`~diffusers_fair.method.boxes.expand_boxes` does with ``image_size``; the
+            crop then holds only image pixels, with the face off-centre. ``False`` keeps the square
+            centred on the face and :func:`~diffusers_fair.method.boxes.crop_faces` reads zeros outside
+            the image, as the paper's code padded with black.
         model_path: another short-range ``.tflite`` file to use instead of the shipped one.
     """
 

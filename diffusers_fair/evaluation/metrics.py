@@ -1,14 +1,14 @@
-"""Measuring fairness: the bias metric of the paper, and audits of text-to-image pipelines.
+"""Measuring fairness: the bias metric of the paper and the class frequencies an audit reports.
 
 ``bias(P)`` measures how far the class frequencies of one prompt's images are from uniform: the
 mean, over every pair of classes ``i < j``, of ``|f_i - f_j|``. It is 0 for a perfectly balanced
 prompt and ``2 / K`` when every image falls in one of ``K`` classes (1 for ``K = 2``). The paper
 reports it averaged over test prompts.
 
-An *audit* (:func:`evaluate`) measures it for a pipeline. For every prompt it generates ``N``
-images from seeded noise, finds the largest face in each image, classifies the face's attributes
-with an evaluation classifier and counts the predicted classes. Per prompt and over all prompts it
-reports:
+An *audit* (:func:`~diffusers_fair.evaluation.audit.evaluate`) measures it for a pipeline. For
+every prompt it generates ``N`` images from seeded noise, finds the largest face in each image,
+classifies the face's attributes with an evaluation classifier and counts the predicted classes.
+Per prompt and over all prompts it reports:
 
 * the class frequencies of each attribute (over the images where a face was found) and of joint
   attributes (``gender x race``: one class per cell), and ``bias(P)``'s mean and standard

@@ -1,4 +1,4 @@
-"""The audit report, and the ``diffusers-fair eval`` command that writes it.
+"""The audit report: the files an audit's result is written to (``diffusers-fair eval`` writes them).
 
 :func:`write_report` turns an :class:`~diffusers_fair.evaluation.results.EvalResult` into files anyone can
 read: ``results.json`` (every number), ``report.md`` (tables), bar charts of the class frequencies
