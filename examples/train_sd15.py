@@ -15,8 +15,10 @@ A config is a JSON object with the keys
 * ``targets``: target distributions in ``TargetDistribution.parse`` syntax, e.g.
   ``"gender: male, female * race: wmelh, asian, black, indian"`` (a joint target) or
   ``"age: young=0.75, old=0.25"``; may be left out when every prompt set has its own;
-* ``prompts``: prompt sets, each ``{"name", "file" (one prompt per line, ``#`` comments) or
-  "prompts" (a list), "weight" (oversampling weight, default 1), "targets" (optional)}``;
+* ``prompts``: a prompt-set file in the library's format (read with ``load_prompt_sets``): a JSON
+  list of sets ``{"name", "prompts" (a list) or "file" (a text file, one prompt per line, relative
+  to the prompt-set file), "weight" (oversampling weight, default 1), "targets" (optional)}``, e.g.
+  ``examples/prompts/occupations_train.json``;
 * ``training``: ``FairTrainingConfig`` fields (missing ones keep the paper's SD 1.5 defaults;
   ``base_model`` defaults to ``stable-diffusion-v1-5/stable-diffusion-v1-5``);
 * ``components``: ``SD15ComponentSettings`` fields: the CLIP and DINOv2 models, the training
@@ -25,10 +27,10 @@ A config is a JSON object with the keys
 * ``evaluation`` (optional): ``{"prompts": file, "images_per_prompt": n}`` for the audit command
   printed at the end (run with ``diffusers-fair eval`` and the evaluation classifier).
 
-Relative paths are relative to the current folder: run the script from the repository root.
-Training needs a GPU and downloads the base model, CLIP ViT-H-14 and DINOv2 on first use; the
-classifier, face-embedder and reference-face files are yours to provide (see docs/COMPONENTS.md).
-The adaptor (the EMA weights) is saved to ``<output_dir>/adaptor``.
+Relative paths in the config are relative to the current folder: run the script from the
+repository root. Training needs a GPU and downloads the base model, CLIP ViT-H-14 and DINOv2 on
+first use; the classifier, face-embedder and reference-face files are yours to provide (see
+docs/COMPONENTS.md). The adaptor (the EMA weights) is saved to ``<output_dir>/adaptor``.
 """
 
 from __future__ import annotations
@@ -40,15 +42,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers_fair.components.stable_diffusion import SD15ComponentSettings
-from diffusers_fair.training.config import FairTrainingConfig
-from diffusers_fair.training.prompts import PromptSet, resolve_prompt_sets
-from diffusers_fair.evaluation.results import read_prompts
 from diffusers_fair._utils.io import read_json
+from diffusers_fair.components.stable_diffusion import SD15ComponentSettings
 from diffusers_fair.method.targets import TargetDistribution
+from diffusers_fair.training.config import FairTrainingConfig
+from diffusers_fair.training.prompts import PromptSet, load_prompt_sets, resolve_prompt_sets
+
 
 EXPERIMENT_KEYS = ("name", "description", "targets", "prompts", "training", "components", "evaluation")
-PROMPT_SET_KEYS = ("name", "file", "prompts", "weight", "targets")
 ADAPTOR_LICENSE = "creativeml-openrail-m"  # the license of Stable Diffusion 1.5's weights
 
 
@@ -86,27 +87,6 @@ def _parse_targets(values, where: str) -> list[TargetDistribution]:
     return [TargetDistribution.parse(v) for v in values]
 
 
-def _prompt_set(entry, index: int) -> PromptSet:
-    where = f"prompts[{index}]"
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where} must be an object with 'file' or 'prompts'")
-    unknown = sorted(set(entry) - set(PROMPT_SET_KEYS))
-    if unknown:
-        raise ValueError(f"{where} has unknown keys {unknown}")
-    if ("file" in entry) == ("prompts" in entry):
-        raise ValueError(f"{where} needs exactly one of 'file' and 'prompts'")
-    if "file" in entry:
-        path = Path(entry["file"])
-        if not path.is_file():
-            raise ValueError(f"{where}: prompt file {path} does not exist (paths are relative to the current folder)")
-        prompts = read_prompts(path)
-    else:
-        prompts = entry["prompts"]
-    targets = _parse_targets(entry["targets"], where) if "targets" in entry else None
-    return PromptSet(prompts=prompts, weight=entry.get("weight", 1.0), targets=targets,
-                     name=str(entry.get("name", Path(entry.get("file", f"set-{index}")).stem)))
-
-
 def _evaluation(values) -> dict | None:
     if values is None:
         return None
@@ -139,12 +119,13 @@ def read_experiment(path: str | Path, overrides: dict | None = None) -> Experime
         raise ValueError(f"config file {path} needs a 'name'")
     training = dict(data.get("training", {}))
     training.update(overrides or {})
-    config = FairTrainingConfig.from_dict(training).validate()
+    config = FairTrainingConfig.from_dict(training)
     targets = _parse_targets(data["targets"], "config") if "targets" in data else None
-    entries = data.get("prompts")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"config file {path} needs 'prompts', a non-empty list of prompt sets")
-    prompt_sets = resolve_prompt_sets([_prompt_set(e, i) for i, e in enumerate(entries)], targets)
+    prompt_file = data.get("prompts")
+    if not isinstance(prompt_file, str) or not prompt_file:
+        raise ValueError(f"config file {path} needs 'prompts', the name of a prompt-set file "
+                         "(e.g. \"examples/prompts/occupations_train.json\")")
+    prompt_sets = resolve_prompt_sets(load_prompt_sets(prompt_file), targets)
     components = SD15ComponentSettings.from_dict(data.get("components", {}))
     components.check_targets([t for s in prompt_sets for t in s.targets])
     components.check_training(config)

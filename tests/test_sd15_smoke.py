@@ -53,6 +53,7 @@ from diffusers_fair.components.stable_diffusion import (
     SD15ComponentSettings,
     load_sd15_components,
 )
+from diffusers_fair.evaluation.results import read_prompts
 from diffusers_fair.method.targets import TargetDistribution
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,14 +226,15 @@ def test_shipped_configs_encode_the_papers_settings(script, in_repo):
     sizes = [len(s.prompts) / sum(len(x.prompts) for x in sets) for s in sets]
     assert shares[0] < sizes[0] and all(share > size for share, size in zip(shares[1:], sizes[1:]))
     # No training prompt is an evaluation prompt.
-    test_prompts = set(script.read_prompts(ROOT / "examples" / "prompts" / "occupations_test.txt"))
+    test_prompts = set(read_prompts(ROOT / "examples" / "prompts" / "occupations_test.txt"))
     assert all(not test_prompts & set(s.prompts) for e in read.values() for s in e.prompt_sets)
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(targets=["gender: female, male"]), "same names in the same order"),
     (lambda d: d.update(targets=["glasses: yes, no"]), "not predicted by components.classifier"),
-    (lambda d: d["prompts"][0].update(file="examples/prompts/nowhere.txt"), "does not exist"),
+    (lambda d: d.update(prompts="examples/prompts/nowhere.json"), "prompt set file examples/prompts/nowhere.json does not exist"),
+    (lambda d: d.update(prompts=[{"file": "examples/prompts/occupations_train.txt"}]), "the name of a prompt-set file"),
     (lambda d: d.update(extra=1), "unknown keys"),
     (lambda d: d["training"].update(learning_rate=-1.0), "learning_rate"),
     (lambda d: d["components"].update(face_embedder=None, reference_faces=None), "weight_loss_face > 0 needs"),

@@ -5,34 +5,37 @@ paper's Stable Diffusion 1.5 settings (text-encoder LoRA of rank 50, AdamW at 5e
 19-23 DPM-Solver++ steps, guidance 7.5, 24 images per prompt, image-semantics weight 8 with
 factor 0.2 ...); :meth:`FairTrainingConfig.toy` gives the settings for the toy world, whose model
 is tiny and trains on a CPU. Each field carries its explanation in ``metadata["help"]``
-(``FairTrainingConfig.help()`` prints them all), and :meth:`FairTrainingConfig.validate` rejects
-bad values before any model is touched.
+(``FairTrainingConfig.help()`` prints them all; ``transformers.HfArgumentParser`` shows them as
+``--help``). A config is valid from construction: a bad value raises ``ValueError`` naming the
+field. Choices are ``Literal`` types, and :meth:`FairTrainingConfig.from_dict` builds a config from
+a parsed JSON or YAML file.
 
 Prompt sets (``prompts.py``), the checks of the trainer's inputs (``setup_checks.py``) and the seeded
 draws of an iteration (``draws.py``) live beside this module.
 """
 
-from __future__ import annotations
-
 import dataclasses
+import difflib
+import functools
 import importlib.util
 import math
 import re
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
-
-MIXED_PRECISION = ("no", "fp16", "bf16")
-DFT_MODES = ("two_pass", "one_graph", "naive")
-LR_SCHEDULES = ("constant", "cosine")
-SAMPLERS = ("dpmsolver++", "ddim", "euler", "pipeline")
-TRACKERS = ("auto", "tensorboard", "wandb", "none")
+MixedPrecision = Literal["no", "fp16", "bf16"]
+DFTMode = Literal["two_pass", "one_graph", "naive"]
+LRSchedule = Literal["constant", "cosine"]
+Sampler = Literal["dpmsolver++", "ddim", "euler", "pipeline"]
+Tracker = Literal["auto", "tensorboard", "wandb", "none"]
 _TOKEN_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
-    """A dataclass field whose explanation is kept in ``metadata["help"]``."""
+    """A dataclass field whose explanation is kept in ``metadata["help"]`` (argparse's ``help``)."""
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})
@@ -43,8 +46,13 @@ class FairTrainingConfig:
     """All settings of a distributional-alignment finetuning run (defaults: the paper's SD 1.5 run).
 
     Read each field's explanation with ``FairTrainingConfig.help()`` or in docs/TRAINING.md.
-    Build the toy-world settings with :meth:`toy`. Call :meth:`validate` (the trainer does) to get
-    a ``ValueError`` naming any bad value.
+    Build the toy-world settings with :meth:`toy`, a config from a JSON or YAML file with
+    :meth:`from_dict`, and one from the command line with
+    ``transformers.HfArgumentParser(FairTrainingConfig)``.
+
+    Raises:
+        ValueError: on construction, naming the first field of a wrong type or out of range (and
+            the fix where there is one). :meth:`validate` checks again after fields were assigned.
     """
 
     # ------------------------------------------------------------------ what is finetuned
@@ -58,16 +66,16 @@ class FairTrainingConfig:
         "LoRA alpha of the text encoder; the LoRA output is scaled by alpha / rank. None means alpha = rank (scale 1).",
         None,
     )
-    text_encoder_lora_modules: tuple[str, ...] = _help(
+    text_encoder_lora_modules: list[str] = _help(
         "Text-encoder linear layers that get a LoRA: attention q/k/v/out_proj and the MLP's fc1/fc2.",
-        factory=lambda: ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     )
     train_unet_lora: bool = _help("Train a LoRA on the U-Net's attention layers.", False)
     unet_lora_rank: int = _help("Rank of the U-Net LoRA (the paper: 50).", 50)
     unet_lora_alpha: float | None = _help("LoRA alpha of the U-Net; None means alpha = rank (scale 1).", None)
-    unet_lora_modules: tuple[str, ...] = _help(
+    unet_lora_modules: list[str] = _help(
         "U-Net layers that get a LoRA: the attention projections.",
-        factory=lambda: ("to_q", "to_k", "to_v", "to_out.0"),
+        factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
     )
     num_soft_tokens: int = _help(
         "Number of learnable token embeddings prepended to the prompt (not to the negative prompt); 0 trains none. "
@@ -84,7 +92,7 @@ class FairTrainingConfig:
     )
 
     # ------------------------------------------------------------------ sampling
-    sampler: str = _help(
+    sampler: Sampler = _help(
         "Sampler used for training: 'dpmsolver++' (the paper's), 'ddim', 'euler' (built from the pipeline's "
         "scheduler config), or 'pipeline' to keep the pipeline's own scheduler.",
         "dpmsolver++",
@@ -93,7 +101,7 @@ class FairTrainingConfig:
     max_inference_steps: int = _help("Most sampling steps (inclusive).", 23)
     guidance_scale: float = _help("Classifier-free guidance weight (1 turns guidance off).", 7.5)
     negative_prompt: str = _help("Negative prompt for classifier-free guidance (the paper's is empty).", "")
-    dft_mode: str = _help(
+    dft_mode: DFTMode = _help(
         "How the gradient through the sampling chain is computed: 'two_pass' (adjusted DFT, memory flat in the "
         "number of steps), 'one_graph' (adjusted DFT, one graph) or 'naive' (exact gradient, for comparison).",
         "two_pass",
@@ -161,7 +169,7 @@ class FairTrainingConfig:
     num_iterations: int = _help("Iterations (optimizer steps) to train for; the paper trains 10k-15k, most of the effect comes by 2k-4k.", 10000)
     learning_rate: float = _help("Peak learning rate of AdamW (reached after the optional warmup).", 5e-5)
     lr_warmup_iterations: int = _help("Iterations of linear learning-rate warmup from 0 (0: no warmup).", 0)
-    lr_schedule: str = _help(
+    lr_schedule: LRSchedule = _help(
         "After the warmup: 'constant' keeps learning_rate; 'cosine' decays it along a half cosine to "
         "lr_final_ratio x learning_rate at the last iteration.",
         "constant",
@@ -177,7 +185,7 @@ class FairTrainingConfig:
         "Ramp the EMA decay as min(ema_decay, (1 + s) / (10 + s)) at update s (0 at the first), as diffusers' EMAModel does.",
         True,
     )
-    mixed_precision: str = _help(
+    mixed_precision: MixedPrecision = _help(
         "'no', 'fp16' or 'bf16': frozen weights in that precision, trained weights in float32.", "fp16"
     )
     gradient_checkpointing: bool = _help("Recompute U-Net and VAE activations in the backward pass to save memory.", False)
@@ -189,7 +197,7 @@ class FairTrainingConfig:
     # ------------------------------------------------------------------ bookkeeping
     seed: int = _help("Seed of every random draw (prompts, step counts, noises, LoRA initialisation).", 0)
     output_dir: str = _help("Folder for checkpoints, logs, sample grids and plots.", "fair-diffusion-output")
-    log_with: str = _help(
+    log_with: Tracker = _help(
         "Tracker: 'auto' (tensorboard if installed, else none), 'tensorboard', 'wandb' or 'none'. "
         "A JSONL log is always written to output_dir.",
         "auto",
@@ -203,15 +211,15 @@ class FairTrainingConfig:
         "Resume from a checkpoint folder, or 'latest' for the newest one in output_dir (none there: start fresh).", None
     )
     sample_every: int = _help("Save a grid of sample images every this many iterations (0: never).", 200)
-    sample_prompts: tuple[str, ...] = _help(
-        "Prompts of the sample grids; empty: the first four training prompts.", factory=tuple
+    sample_prompts: list[str] = _help(
+        "Prompts of the sample grids; empty: the first four training prompts.", factory=list
     )
     sample_images_per_prompt: int = _help("Images per prompt in a sample grid.", 8)
     progress: bool = _help("Show a tqdm progress bar over the iterations (main process only).", True)
 
     # ------------------------------------------------------------------ presets and helpers
     @classmethod
-    def toy(cls, **overrides) -> FairTrainingConfig:
+    def toy(cls, **overrides) -> "FairTrainingConfig":
         """Settings for the toy world (32x32 images, a ~4M-parameter U-Net, a CPU): the demo's run.
 
         140 iterations of 16 images per prompt in one micro-batch, 10-12 steps, guidance 4, a rank-8
@@ -222,7 +230,7 @@ class FairTrainingConfig:
         spread over several classes, and a confidence of 0.8 keeps only about 40% of them in the loss
         (0.5 keeps over 80%); a semantics weight of 8 held the training words' images in place and
         left hair length at half its base bias. Any field can be overridden:
-        ``FairTrainingConfig.toy(num_iterations=50)``.
+        ``FairTrainingConfig.toy(num_iterations=50)``; an unknown name is a ``ValueError``.
         """
         settings = dict(
             base_model="diffusers-fair/toy",
@@ -248,9 +256,7 @@ class FairTrainingConfig:
             distribution_window=20,
             output_dir="fair-toy-output",
         )
-        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown FairTrainingConfig fields: {unknown}")
+        _refuse_unknown_fields(overrides)
         settings.update(overrides)
         return cls(**settings)
 
@@ -264,35 +270,57 @@ class FairTrainingConfig:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists)."""
+        """Every field by name, as JSON types (lists and dicts are copies); ``from_dict(c.to_dict()) == c``."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, (list, tuple)):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            out[f.name] = value
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FairTrainingConfig:
-        """Build a config from :meth:`to_dict`'s output; unknown keys are an error."""
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ValueError(f"unknown FairTrainingConfig fields: {unknown}")
-        converted = {}
-        for key, value in values.items():
-            if isinstance(value, list) and "tuple" in str(names[key].type):
-                value = tuple(value)
-            converted[key] = value
-        return cls(**converted)
+    def from_dict(cls, values: Mapping[str, Any]) -> "FairTrainingConfig":
+        """Build a config from field names and values, e.g. a parsed JSON or YAML file or :meth:`to_dict`'s output.
 
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> FairTrainingConfig:
-        """Raise ``ValueError`` naming the first bad value; return ``self`` when all are fine."""
-        _check_type(self)
+        Missing fields keep their defaults.
+
+        Raises:
+            ValueError: ``values`` is not a mapping; a key is not a field (the message names the
+                closest field); a value is of the wrong type or out of range (the message names the field).
+        """
+        if not isinstance(values, Mapping):
+            raise ValueError(f"FairTrainingConfig.from_dict needs a mapping of field names to values, "
+                             f"got {type(values).__name__}")
+        _refuse_unknown_fields(values)
+        return cls(**values)
+
+    # ------------------------------------------------------------------ checks
+    def __post_init__(self):
+        self._check()
+
+    def validate(self) -> "FairTrainingConfig":
+        """Check every field again (after some were assigned); return ``self``.
+
+        A new config is checked on construction; this repeats the same checks, so that changing a
+        field in place cannot slip a bad value past the trainer (which calls it).
+
+        Raises:
+            ValueError: naming the first bad field.
+        """
+        self._check()
+        return self
+
+    def _check(self) -> None:
+        """Check each value against its annotation, then the ranges and the fields against each other."""
+        annotations = _field_annotations()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked_value(f.name, annotations[f.name], getattr(self, f.name)))
         if not (self.train_text_encoder_lora or self.train_unet_lora or self.num_soft_tokens > 0):
-            raise ValueError(
-                "nothing to train: set train_text_encoder_lora, train_unet_lora or num_soft_tokens > 0"
-            )
+            raise ValueError("nothing to train: set train_text_encoder_lora=True, train_unet_lora=True "
+                             "or num_soft_tokens > 0")
         for name in ("text_encoder_lora_rank", "unet_lora_rank", "min_inference_steps", "images_per_prompt",
                      "micro_batch_size", "gradient_accumulation_steps", "ot_monte_carlo_samples",
                      "num_iterations", "distribution_window", "sample_images_per_prompt"):
@@ -303,9 +331,8 @@ class FairTrainingConfig:
         if self.checkpoints_total_limit is not None:
             _check_at_least(self, "checkpoints_total_limit", 1)
         if self.max_inference_steps < self.min_inference_steps:
-            raise ValueError(
-                f"max_inference_steps ({self.max_inference_steps}) must be >= min_inference_steps ({self.min_inference_steps})"
-            )
+            raise ValueError(f"max_inference_steps ({self.max_inference_steps}) must be >= "
+                             f"min_inference_steps ({self.min_inference_steps})")
         for name in ("text_encoder_lora_alpha", "unet_lora_alpha", "max_grad_norm"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -315,79 +342,119 @@ class FairTrainingConfig:
         if self.face_box_scale is not None:
             _check_positive(self, "face_box_scale")
         if self.guidance_scale < 1.0 or not math.isfinite(self.guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), got {self.guidance_scale!r}")
+            raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), "
+                             f"got {self.guidance_scale!r}")
         for name in ("weight_decay", "weight_loss_img", "weight_loss_face"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("dal_threshold", "image_change_factor", "face_region_factor", "own_face_confidence", "lr_final_ratio"):
+        for name in ("dal_threshold", "image_change_factor", "face_region_factor", "own_face_confidence",
+                     "lr_final_ratio"):
             _check_unit_interval(name, getattr(self, name))
         for attribute, factor in self.attribute_change_factors.items():
-            if not isinstance(attribute, str) or isinstance(factor, bool) or not isinstance(factor, (int, float)):
-                raise ValueError(f"attribute_change_factors must map attribute names to numbers, got {attribute!r}: {factor!r}")
             _check_unit_interval(f"attribute_change_factors[{attribute!r}]", factor)
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        for name, allowed in (("mixed_precision", MIXED_PRECISION), ("dft_mode", DFT_MODES), ("lr_schedule", LR_SCHEDULES),
-                              ("sampler", SAMPLERS), ("log_with", TRACKERS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.log_with in ("tensorboard", "wandb") and importlib.util.find_spec(self.log_with) is None:
-            raise ValueError(f"log_with={self.log_with!r} but {self.log_with} is not installed (pip install {self.log_with})")
+            raise ValueError(f"log_with={self.log_with!r} but {self.log_with} is not installed: "
+                             f"pip install {self.log_with}, or choose log_with='none'")
         for name in ("text_encoder_lora_modules", "unet_lora_modules"):
             modules = getattr(self, name)
-            if not modules or not all(isinstance(m, str) and m for m in modules):
-                raise ValueError(f"{name} must be a non-empty tuple of module names, got {modules!r}")
+            if not modules or not all(modules):
+                raise ValueError(f"{name} must be a non-empty list of module names, got {modules!r}")
         if self.num_soft_tokens and not _TOKEN_PATTERN.match(self.soft_token_prefix):
-            raise ValueError(f"soft_token_prefix must look like '<name>' (letters, digits, '_', '-'), got {self.soft_token_prefix!r}")
+            raise ValueError(f"soft_token_prefix must look like '<name>' (letters, digits, '_', '-'), "
+                             f"got {self.soft_token_prefix!r}")
         if self.num_soft_tokens and not self.soft_token_init.strip():
             raise ValueError("soft_token_init must be a non-empty word")
         if not self.output_dir:
             raise ValueError("output_dir must not be empty")
-        if any(not isinstance(p, str) or not p.strip() for p in self.sample_prompts):
-            raise ValueError("sample_prompts must be non-empty strings")
-        return self
+        if not all(p.strip() for p in self.sample_prompts):
+            raise ValueError(f"sample_prompts must be non-empty strings, got {self.sample_prompts!r}")
 
 
-def _check_type(config: FairTrainingConfig) -> None:
-    """Check each value against its annotation (bools are not accepted as numbers)."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        annotation = str(f.type)
-        optional = "None" in annotation
+@functools.cache
+def _field_annotations() -> dict[str, Any]:
+    """The annotation of each field, read from the class itself.
+
+    ``Field.type`` is not used: ``transformers.HfArgumentParser`` rewrites it in place (``float | None``
+    becomes ``float``), while the class's ``__annotations__`` stay as written.
+    """
+    return typing.get_type_hints(FairTrainingConfig)
+
+
+def _refuse_unknown_fields(names: Iterable) -> None:
+    """Raise a one-line ``ValueError`` naming each name that is not a field, with the closest field."""
+    known = [f.name for f in dataclasses.fields(FairTrainingConfig)]
+    unknown = [name for name in names if name not in known]
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(str(name), known, n=1)
+        described.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise ValueError(f"unknown FairTrainingConfig field{'s' if len(unknown) > 1 else ''} {', '.join(described)}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
+               list[str]: "a list of strings", dict[str, float]: "a mapping of attribute names to numbers"}
+
+
+def _checked_value(name: str, annotation: Any, value: Any) -> Any:
+    """``value`` if it is of the type ``annotation``; lists and tuples come back as new lists, dicts as new dicts.
+
+    A ``bool`` is not a number and NaN is no value. A ``Literal`` annotation lists the allowed values.
+
+    Raises:
+        ValueError: naming the field, what it must be and the value given.
+    """
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    if optional:
         if value is None:
-            if not optional:
-                raise ValueError(f"{f.name} must not be None")
-            continue
-        if annotation.startswith("bool"):
-            ok = isinstance(value, bool)
-        elif annotation.startswith("int"):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif annotation.startswith("float"):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif annotation.startswith("str"):
-            ok = isinstance(value, str)
-        elif annotation.startswith("tuple"):
-            ok = isinstance(value, tuple)
-        elif annotation.startswith("dict"):
-            ok = isinstance(value, dict)
-        else:  # pragma: no cover - every field has one of the annotations above
-            ok = True
-        if not ok:
-            raise ValueError(f"{f.name} must be of type {annotation}, got {type(value).__name__} {value!r}")
-        if isinstance(value, float) and math.isnan(value):
-            raise ValueError(f"{f.name} must not be NaN")
+            return None
+        (annotation,) = [arg for arg in args if arg is not type(None)]
+        args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        ok = _is_number(value) and not math.isnan(value)
+    elif annotation is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+        value = list(value) if ok else value
+    elif origin is dict:
+        ok = isinstance(value, Mapping) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())
+        value = dict(value) if ok else value
+    else:  # pragma: no cover - only reached by a new field of a type without a check here
+        raise TypeError(f"{name}: no check for the annotation {annotation}")
+    if not ok:
+        expected = _TYPE_NAMES[annotation] + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    return value
 
 
-def _check_at_least(config, name: str, minimum: int) -> None:
+def _check_at_least(config: FairTrainingConfig, name: str, minimum: int) -> None:
     value = getattr(config, name)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
-def _check_positive(config, name: str) -> None:
+def _check_positive(config: FairTrainingConfig, name: str) -> None:
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")

@@ -1,9 +1,9 @@
 """Prompt sets: groups of training prompts with a sampling weight and, optionally, their own targets.
 
 One adaptor can be trained on occupations, sports and personal descriptors at once, oversampling the
-small groups. :func:`load_prompt_sets` reads the one file format for prompt sets (a JSON list), used by
-the trainer, the command line and the examples alike; :func:`resolve_prompt_sets` gives every set its
-targets.
+small groups. :func:`load_prompt_sets` reads the one file format for prompt sets (a JSON list whose
+sets hold their prompts or name a text file of them), as the examples use it; :func:`resolve_prompt_sets`
+gives every set its targets.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from pathlib import Path
 
 from .._utils.io import read_json
 from ..method.targets import TargetDistribution
+
+
+PROMPT_SET_KEYS = ("name", "prompts", "file", "weight", "targets")
 
 
 @dataclass
@@ -53,35 +56,87 @@ class PromptSet:
 
 
 def load_prompt_sets(path: str | Path) -> list[PromptSet]:
-    """Read prompt sets from a JSON file.
+    """Read prompt sets from a JSON file: the one file format for prompt sets.
 
-    The file holds a list of objects ``{"name": ..., "prompts": [...], "weight": 1.0,
-    "targets": ["gender: male, female", ...]}`` (``weight``, ``targets`` and ``name`` optional;
-    targets in :meth:`TargetDistribution.parse` syntax), or a plain list of prompt strings.
+    The file holds either a plain list of prompt strings (one set, named after the file), or a
+    list of sets, each an object with
+
+    * ``"prompts"``: a list of prompt strings, or ``"file"``: a text file of prompts, one per line
+      (blank lines and lines starting with ``#`` are skipped), relative to the JSON file's folder;
+      exactly one of the two;
+    * ``"name"`` (optional): a label for logs; by default the text file's name without its suffix,
+      else ``set-<index>``;
+    * ``"weight"`` (optional, default 1): the oversampling weight;
+    * ``"targets"`` (optional): target distributions in :meth:`TargetDistribution.parse` syntax,
+      e.g. ``["gender: male, female"]``; without them the set uses the trainer's targets.
+
+    Raises:
+        ValueError: naming the file, and the entry (its index) where one is at fault: the file is
+            missing or not JSON, an entry has unknown keys, both or neither of ``prompts`` and
+            ``file``, a text file that is missing or holds no prompts, a bad weight or target.
     """
     path = Path(path)
     data = read_json(path, "prompt set file")
     if not isinstance(data, list) or not data:
         raise ValueError(f"prompt set file {path} must hold a non-empty JSON list")
     if all(isinstance(item, str) for item in data):
-        return [PromptSet(prompts=data, name=path.stem)]
+        try:
+            return [PromptSet(prompts=data, name=path.stem)]
+        except ValueError as error:
+            raise ValueError(f"prompt set file {path}: {error}") from None
     sets = []
     for index, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise ValueError(f"prompt set file {path}: entry {index} must be an object, got {type(item).__name__}")
-        unknown = sorted(set(item) - {"name", "prompts", "weight", "targets"})
-        if unknown:
-            raise ValueError(f"prompt set file {path}: entry {index} has unknown keys {unknown}")
-        if "prompts" not in item:
-            raise ValueError(f"prompt set file {path}: entry {index} has no 'prompts'")
-        targets = item.get("targets")
-        if targets is not None:
-            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-                raise ValueError(f"prompt set file {path}: entry {index}: 'targets' must be a list of strings")
-            targets = [TargetDistribution.parse(t) for t in targets]
-        sets.append(PromptSet(prompts=item["prompts"], weight=item.get("weight", 1.0), targets=targets,
-                              name=str(item.get("name", f"set-{index}"))))
+        try:
+            sets.append(_prompt_set_entry(item, index, path.parent))
+        except ValueError as error:
+            raise ValueError(f"prompt set file {path}: entry {index}: {error}") from None
     return sets
+
+
+def _prompt_set_entry(item, index: int, folder: Path) -> PromptSet:
+    """One object of a prompt set file; ``file`` is relative to ``folder``."""
+    if not isinstance(item, dict):
+        raise ValueError(f"must be an object, got {type(item).__name__}")
+    unknown = sorted(set(item) - set(PROMPT_SET_KEYS))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} (known: {list(PROMPT_SET_KEYS)})")
+    if ("prompts" in item) == ("file" in item):
+        raise ValueError("needs exactly one of 'prompts' (a list) and 'file' (a text file, one prompt per line)")
+    name = item.get("name", f"set-{index}")
+    if "file" in item:
+        if not isinstance(item["file"], str) or not item["file"]:
+            raise ValueError(f"'file' must be a file name, got {item['file']!r}")
+        prompt_file = folder / item["file"]
+        prompts = _read_prompt_file(prompt_file)
+        name = item.get("name", prompt_file.stem)
+    else:
+        prompts = item["prompts"]
+    targets = item.get("targets")
+    if targets is not None:
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ValueError("'targets' must be a list of strings such as \"gender: male, female\"")
+        targets = [TargetDistribution.parse(t) for t in targets]
+    return PromptSet(prompts=prompts, weight=item.get("weight", 1.0), targets=targets, name=str(name))
+
+
+def _read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts from a text file: one per line; blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        ValueError: naming the file when it is missing, unreadable or holds no prompts.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"prompt file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"prompt file {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line for line in prompts if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
 
 
 def resolve_prompt_sets(prompts, targets) -> list[PromptSet]:
