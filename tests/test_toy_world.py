@@ -348,6 +348,49 @@ def test_audit_draws_independent_noise_per_word_and_the_same_noise_per_seed(comp
     assert not torch.allclose(noise[prompts[0]], noise[prompts[1]])
 
 
+def test_audit_reads_the_same_frequencies_and_bias_as_the_general_audit(components):
+    from diffusers_fair.evaluation.audit import evaluate
+
+    words = world.words("occupation", "test")[:3]
+    toy = audit_pipeline(RenderingPipeline(), words, 10, components, seed=1, batch_size=4)
+    general = evaluate(RenderingPipeline(), [world.prompt(w) for w in words], components, images_per_prompt=10,
+                       seed=1, batch_size=4, joints=[], num_samples=0, progress=False)
+    for w, row in zip(toy.words, general.prompt_metrics()):
+        assert w.prompt == row["prompt"]
+        assert (w.num_images, w.num_faces) == (row["num_images"], row["num_faces"])
+        for name in TRAITS:
+            assert w.freqs[name] == row["freqs"][name]
+            assert w.bias[name] == row["bias"][name]
+
+
+def test_word_audit_counts_only_images_with_a_face():
+    from diffusers_fair.evaluation.results import ImageReadout
+    from diffusers_fair.toy.audit import word_audit
+
+    word = world.words("occupation", "test")[0]
+    found = torch.tensor([True, True, False, True, False])
+    # Classes read per image, per trait; the images without a face read class 1 everywhere and must not count.
+    read = {name: torch.tensor([0, len(classes) - 1, 1, 0, 1]) for name, classes in TRAITS.items()}
+    probs = {name: F.one_hot(read[name], len(classes)).float() for name, classes in TRAITS.items()}
+    readout = ImageReadout(found=found, boxes=torch.zeros(5, 4), scores=found.float(), probs=probs)
+    audit = word_audit(word, world.prompt(word), readout)
+    assert (audit.num_images, audit.num_faces) == (5, 3)
+    for name, classes in TRAITS.items():
+        expected = np.zeros(len(classes))
+        expected[0], expected[-1] = 2 / 3, 1 / 3
+        assert audit.freqs[name] == pytest.approx(expected.tolist())
+        # bias(P): the mean over class pairs of |f_i - f_j|
+        pairs = [abs(a - b) for i, a in enumerate(expected) for b in expected[i + 1:]]
+        assert audit.bias[name] == pytest.approx(np.mean(pairs))
+        assert audit.skew[name] == pytest.approx([word.traits[name][c] for c in classes])
+
+    nobody = ImageReadout(found=torch.zeros(5, dtype=torch.bool), boxes=torch.zeros(5, 4), scores=torch.zeros(5),
+                          probs={name: torch.zeros(5, len(c)) for name, c in TRAITS.items()})
+    empty = word_audit(word, world.prompt(word), nobody)
+    assert empty.num_faces == 0
+    assert all(np.isnan(empty.freqs[name]).all() and np.isnan(empty.bias[name]) for name in TRAITS)
+
+
 # ------------------------------------------------------------------------------------------------
 # The shipped base model
 # ------------------------------------------------------------------------------------------------

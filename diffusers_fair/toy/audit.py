@@ -14,12 +14,18 @@ skew (``data/world.json``), it tells whether the base model learned the biases i
     python -m diffusers_fair.toy.audit --model FOLDER --split test --images-per-word 32 --out DIR
 
 writes ``audit.json``, ``audit.md`` (tables) and one bar chart per attribute (``audit_<attr>.png``).
-Noise is drawn as in the real audit (:func:`diffusers_fair.audit.initial_noise`): image ``i`` of a
-prompt starts from a latent seeded by ``(seed, prompt, i)``. Two models audited with the same seed
-therefore start every image from the same latent, so that their differences come from the weights;
-different words get independent noise, so that the mean over words averages independent draws
-(with one noise shared by all words, the words' errors would move together and the mean bias of a
-balanced model would swing with the seed by as much as a single word's).
+
+The images are generated and read as in the general audit (:mod:`diffusers_fair.evaluation.audit`):
+``generate`` from the noise of ``initial_noise``, ``read_faces`` (detect, crop, classify), then
+``class_counts``, ``frequencies`` and ``bias_metric``. What the toy world adds is its ground truth:
+each word's training skew and the comparison with it, and two checks of the classifier on the
+model's images (:func:`explicit_prompt_agreement`, :func:`reconstruction_accuracy`).
+
+Noise: image ``i`` of a prompt starts from a latent seeded by ``(seed, prompt, i)``. Two models
+audited with the same seed therefore start every image from the same latent, so that their
+differences come from the weights; different words get independent noise, so that the mean over
+words averages independent draws (with one noise shared by all words, the words' errors would move
+together and the mean bias of a balanced model would swing with the seed by as much as a single word's).
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..evaluation.audit import generate, initial_noise, latent_shape
-from ..evaluation.metrics import bias_metric
+from ..evaluation.audit import generate, initial_noise, latent_shape, read_faces
+from ..evaluation.metrics import bias_metric, class_counts, frequencies
+from ..evaluation.results import ImageReadout
 from . import world
-from .components import ToyComponents, face_crops
+from .components import ToyComponents
 from .render import TRAITS
 
 
@@ -105,8 +112,9 @@ class AuditResult:
                            "words": [asdict(w) for w in self.words]}, indent=2)
 
     def to_markdown(self) -> str:
-        lines = ["| attribute (slot) | per-word correlation | bias (generated) | bias (training skew) | mean abs error | shares (generated) | shares (skew) |",
-                 "|---|---|---|---|---|---|---|"]
+        header = ("| attribute (slot) | per-word correlation | bias (generated) | bias (training skew) "
+                  "| mean abs error | shares (generated) | shares (skew) |")
+        lines = [header, "|---|---|---|---|---|---|---|"]
         for name, s in self.summary.items():
             shares = ", ".join(f"{c} {s.shares[c]:.2f}" for c in s.classes)
             skew = ", ".join(f"{c} {s.skew_shares[c]:.2f}" for c in s.classes)
@@ -114,8 +122,9 @@ class AuditResult:
                          f"{s.mean_skew_bias:.3f} | {s.mean_abs_error:.3f} | {shares} | {skew} |")
         settings = ", ".join(f"{k} {v}" for k, v in self.settings.items() if not isinstance(v, dict))
         lines += ["", f"Settings: {settings}."]
-        for key, label in (("explicit_prompt_agreement", "Explicit trait prompts read back as named"),
-                           ("reconstruction_accuracy", "Classifier accuracy on renders through the model's autoencoder")):
+        checks = (("explicit_prompt_agreement", "Explicit trait prompts read back as named"),
+                  ("reconstruction_accuracy", "Classifier accuracy on renders through the model's autoencoder"))
+        for key, label in checks:
             if key in self.settings:
                 lines.append(f"{label}: " + ", ".join(f"{k} {v:.3f}" for k, v in self.settings[key].items()) + ".")
         lines += ["", "Per word (generated frequency / training skew; faces found / images):", ""]
@@ -131,59 +140,75 @@ class AuditResult:
         return "\n".join(lines) + "\n"
 
 
-def _as_word(word: world.Word | str) -> world.Word:
-    if isinstance(word, world.Word):
-        return word
-    known = {w.name: w for w in world.words()}
-    if word not in known:
-        raise ValueError(f"unknown toy-world word {word!r}")
-    return known[word]
+def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, components: ToyComponents, *,
+                   seed: int = 0, guidance_scale: float = 4.0, num_inference_steps: int = 15, batch_size: int = 32,
+                   keep_images: bool = False) -> AuditResult:
+    """Generate ``images_per_word`` images for each word's prompt and read their traits.
 
+    Args:
+        pipe: a ``StableDiffusionPipeline`` (e.g. the toy model, with or without a fair adaptor).
+        words: toy-world words (``world.Word`` or their names).
+        images_per_word: images per word; image ``i`` of a word starts from the latent seeded by
+            ``(seed, prompt, i)``.
+        components: the toy components (``load_toy_components()``).
+        batch_size: images per pipeline call and per detector / classifier batch.
+        keep_images: keep the generated images in the result (e.g. to compare two models image by image).
 
-@torch.no_grad()
-def classify_images(images: torch.Tensor, components: ToyComponents) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Detect the face of each image and classify it: ``(found (B,), attribute -> predicted class (B,))``."""
-    detection = components.detector.detect(images)
-    classifier = components.classifier
-    crops = face_crops(images, detection.boxes, classifier.input_size, components.crop_factor)
-    logits = classifier(crops)
-    return detection.found, {name: logit.argmax(dim=1) for name, logit in logits.items()}
+    Returns:
+        An :class:`AuditResult`: per-word frequencies and bias against the training skews, and a
+        per-attribute summary.
 
-
-def _device(components: ToyComponents) -> torch.device:
-    return next(components.classifier.parameters()).device
-
-
-def initial_latents(pipe, prompt: str, num: int, seed: int) -> torch.Tensor:
-    """``num`` starting latents for ``prompt`` at ``pipe``'s native size, seeded per image by ``(seed, prompt, i)``."""
-    return initial_noise(seed, prompt, num, latent_shape(pipe))
-
-
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    denominator = np.sqrt((x**2).sum() * (y**2).sum())
-    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def per_word_correlation(freqs: np.ndarray, skews: np.ndarray) -> float:
-    """Correlation across words of generated and training frequencies, both ``(words, classes)``.
-
-    Binary attributes: the share of the second class; more classes: all (word, class) entries.
+    Raises:
+        ValueError: for an unknown word, no words, non-positive counts, or when no image had a face.
     """
-    if freqs.shape != skews.shape or freqs.ndim != 2:
-        raise ValueError(f"freqs and skews must be (words, classes) of one shape, got {freqs.shape} and {skews.shape}")
-    if freqs.shape[1] == 2:
-        return _pearson(freqs[:, 1], skews[:, 1])
-    return _pearson(freqs.ravel(), skews.ravel())
+    if images_per_word < 1 or batch_size < 1:
+        raise ValueError("images_per_word and batch_size must be positive")
+    words = [_as_word(w) for w in words]
+    if not words:
+        raise ValueError("no words to audit")
+    pipe.set_progress_bar_config(disable=True)
+    audits, kept = [], []
+    for word in tqdm(words, desc="audit", mininterval=5):
+        prompt = world.prompt(word)
+        images = _generate(pipe, prompt, images_per_word, seed, guidance_scale=guidance_scale,
+                           num_inference_steps=num_inference_steps, batch_size=batch_size)
+        audits.append(word_audit(word, prompt, read_faces(images, components, batch_size=batch_size)))
+        if keep_images:
+            kept.append(images)
+    settings = {"seed": seed, "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
+                "images_per_word": images_per_word, "num_words": len(words)}
+    return AuditResult(words=audits, summary=summarize(audits), settings=settings,
+                       images=torch.cat(kept) if keep_images else None)
+
+
+def word_audit(word: world.Word, prompt: str, readout: ImageReadout) -> WordAudit:
+    """One word's audit from what was read off its images (``read_faces``).
+
+    Frequencies and bias count the images with a face; where none had one, they are NaN.
+    """
+    freqs, skew, bias, skew_bias = {}, {}, {}, {}
+    for name, classes in TRAITS.items():
+        counts = class_counts(readout.probs[name], readout.found)
+        freqs[name] = frequencies(counts).tolist()
+        bias[name] = float(bias_metric(counts)) if counts.sum() > 0 else float("nan")
+        skew[name] = [float(word.traits[name][c]) for c in classes]
+        skew_bias[name] = float(bias_metric(torch.tensor(skew[name])))
+    return WordAudit(word.name, word.group, word.split, prompt, readout.num_images, readout.num_faces,
+                     freqs, skew, bias, skew_bias)
 
 
 def summarize(words: list[WordAudit]) -> dict[str, AttributeSummary]:
+    """Attribute -> its summary over the words with a face (see the module doc).
+
+    Raises:
+        ValueError: when no word had a detected face.
+    """
+    counted = [w for w in words if w.num_faces > 0]
+    if not counted:
+        raise ValueError("no audited word had a detected face")
     slots = {trait: slot for slot, trait in world.load_world()["slots"].items()}
     summary = {}
     for name, classes in TRAITS.items():
-        counted = [w for w in words if w.num_faces > 0]
-        if not counted:
-            raise ValueError("no audited word had a detected face")
         f = np.array([w.freqs[name] for w in counted])
         q = np.array([w.skew[name] for w in counted])
         b = np.array([w.bias[name] for w in counted])
@@ -201,55 +226,47 @@ def summarize(words: list[WordAudit]) -> dict[str, AttributeSummary]:
     return summary
 
 
-def audit_pipeline(pipe, words: list[world.Word | str], images_per_word: int, components: ToyComponents, *,
-                   seed: int = 0, guidance_scale: float = 4.0, num_inference_steps: int = 15, batch_size: int = 32,
-                   keep_images: bool = False) -> AuditResult:
-    """Generate ``images_per_word`` images for each word's prompt and read their traits.
+def per_word_correlation(freqs: np.ndarray, skews: np.ndarray) -> float:
+    """Correlation across words of generated and training frequencies, both ``(words, classes)``.
 
-    Args:
-        pipe: a ``StableDiffusionPipeline`` (e.g. the toy model, with or without a fair adaptor).
-        words: toy-world words (``world.Word`` or their names).
-        images_per_word: images per word; image ``i`` of a word starts from the latent seeded by ``(seed, prompt, i)``.
-        components: the toy components (``load_toy_components()``).
-        keep_images: keep the generated images in the result (e.g. to compare two models image by image).
+    Binary attributes: the share of the second class; more classes: all (word, class) entries.
+    NaN where either side does not vary.
 
-    Returns:
-        An :class:`AuditResult`: per-word frequencies and bias against the training skews, and a
-        per-attribute summary.
+    Raises:
+        ValueError: when the two arrays are not ``(words, classes)`` of one shape.
     """
-    if images_per_word < 1 or batch_size < 1:
-        raise ValueError("images_per_word and batch_size must be positive")
-    words = [_as_word(w) for w in words]
-    if not words:
-        raise ValueError("no words to audit")
-    pipe.set_progress_bar_config(disable=True)
-    audits, kept = [], []
-    for word in tqdm(words, desc="audit", mininterval=5):
-        prompt = world.prompt(word)
-        images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_word, seed),
-                          guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, batch_size=batch_size)
-        found, classes = classify_images(images.to(_device(components)), components)
-        found = found.cpu()
-        if keep_images:
-            kept.append(images.cpu())
-        freqs, skew, bias, skew_bias = {}, {}, {}, {}
-        for name, names in TRAITS.items():
-            counts = torch.bincount(classes[name].cpu()[found], minlength=len(names)).double()
-            freqs[name] = (counts / counts.sum()).tolist() if counts.sum() > 0 else [float("nan")] * len(names)
-            skew[name] = [float(word.traits[name][c]) for c in names]
-            bias[name] = float(bias_metric(counts)) if counts.sum() > 0 else float("nan")
-            skew_bias[name] = float(bias_metric(torch.tensor(skew[name])))
-        audits.append(WordAudit(word.name, word.group, word.split, prompt, images_per_word, int(found.sum()),
-                                freqs, skew, bias, skew_bias))
-    settings = {"seed": seed, "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
-                "images_per_word": images_per_word, "num_words": len(words)}
-    return AuditResult(words=audits, summary=summarize(audits), settings=settings,
-                       images=torch.cat(kept) if keep_images else None)
+    if freqs.shape != skews.shape or freqs.ndim != 2:
+        raise ValueError(f"freqs and skews must be (words, classes) of one shape, got {freqs.shape} and {skews.shape}")
+    if freqs.shape[1] == 2:
+        return _pearson(freqs[:, 1], skews[:, 1])
+    return _pearson(freqs.ravel(), skews.ravel())
 
 
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x**2).sum() * (y**2).sum())
+    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def _as_word(word: world.Word | str) -> world.Word:
+    if isinstance(word, world.Word):
+        return word
+    known = {w.name: w for w in world.words()}
+    if word not in known:
+        raise ValueError(f"unknown toy-world word {word!r}; see diffusers_fair.toy.world.words()")
+    return known[word]
+
+
+def _generate(pipe, prompt: str, num_images: int, seed: int, **sampling) -> torch.Tensor:
+    """Images of ``prompt`` at ``pipe``'s native size; image ``i`` starts from the noise of ``(seed, prompt, i)``."""
+    return generate(pipe, prompt, initial_noise(seed, prompt, num_images, latent_shape(pipe)), **sampling)
+
+
+# --------------------------------------------------------------------------- classifier checks
 @torch.no_grad()
 def explicit_prompt_agreement(pipe, components: ToyComponents, images_per_prompt: int = 16, *, seed: int = 0,
-                              guidance_scale: float = 4.0, num_inference_steps: int = 15, batch_size: int = 32) -> dict[str, float]:
+                              guidance_scale: float = 4.0, num_inference_steps: int = 15,
+                              batch_size: int = 32) -> dict[str, float]:
     """How often the classifier reads the trait an explicit prompt names, per attribute.
 
     For every class of every trait, generate from "a photo of the face of a person with <class>
@@ -258,22 +275,22 @@ def explicit_prompt_agreement(pipe, components: ToyComponents, images_per_prompt
     generated images, and the model's obedience to explicit prompts.
     """
     pipe.set_progress_bar_config(disable=True)
-    device = _device(components)
     out = {}
     for name, classes in TRAITS.items():
         hits = 0
         for index, value in enumerate(classes):
             prompt = world.explicit_prompt(**{name: value})
-            images = generate(pipe, prompt, initial_latents(pipe, prompt, images_per_prompt, seed),
-                              guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, batch_size=batch_size)
-            found, predicted = classify_images(images.to(device), components)
-            hits += int(((predicted[name] == index) & found).sum())
+            images = _generate(pipe, prompt, images_per_prompt, seed, guidance_scale=guidance_scale,
+                               num_inference_steps=num_inference_steps, batch_size=batch_size)
+            readout = read_faces(images, components, batch_size=batch_size)
+            hits += int(((readout.probs[name].argmax(dim=1) == index) & readout.found).sum())
         out[name] = hits / (images_per_prompt * len(classes))
     return out
 
 
 @torch.no_grad()
-def reconstruction_accuracy(pipe, components: ToyComponents, num_images: int = 400, *, seed: int = 0) -> dict[str, float]:
+def reconstruction_accuracy(pipe, components: ToyComponents, num_images: int = 400, *,
+                            seed: int = 0) -> dict[str, float]:
     """The classifier's accuracy on rendered portraits passed through the model's autoencoder.
 
     Encoding and decoding with ``pipe.vae`` gives images with the model's own blur and artefacts
@@ -289,13 +306,18 @@ def reconstruction_accuracy(pipe, components: ToyComponents, num_images: int = 4
     gen = torch.Generator().manual_seed(seed)
     latents = vae.encode(images).latent_dist.sample(generator=gen)
     decoded = (vae.decode(latents).sample.float() / 2 + 0.5).clamp(0, 1)
-    found, predicted = classify_images(decoded.to(_device(components)), components)
-    return {name: float(((predicted[name].cpu() == torch.from_numpy(portraits.traits[name])) & found.cpu()).float().mean())
-            for name in TRAITS}
+    readout = read_faces(decoded, components)
+    accuracy = {}
+    for name in TRAITS:
+        right = (readout.probs[name].argmax(dim=1) == torch.from_numpy(portraits.traits[name])) & readout.found
+        accuracy[name] = float(right.float().mean())
+    return accuracy
 
 
+# --------------------------------------------------------------------------- charts and the command
 def plot(result: AuditResult, out_dir: Path) -> list[Path]:
-    """One stacked bar chart per attribute: per word, the training skew (left, hatched) and the generated frequencies (right)."""
+    """One stacked bar chart per attribute: per word, the training skew (left, hatched) beside the
+    generated frequencies (right); written as ``out_dir/audit_<attr>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,8 +333,8 @@ def plot(result: AuditResult, out_dir: Path) -> list[Path]:
             bottom = np.zeros(len(names))
             for i, c in enumerate(classes):
                 h = np.nan_to_num(np.array([getattr(w, key)[attr][i] for w in result.words]))
-                ax.bar(x + offset, h, 0.38, bottom=bottom, color=colours[i], hatch=hatch, edgecolor="white", linewidth=0.3,
-                       label=c if key == "freqs" else None)
+                ax.bar(x + offset, h, 0.38, bottom=bottom, color=colours[i], hatch=hatch, edgecolor="white",
+                       linewidth=0.3, label=c if key == "freqs" else None)
                 bottom += h
         s = result.summary[attr]
         ax.set_title(f"{attr} ({s.slot}): training skew (hatched) vs generated; correlation {s.correlation:.2f}")
@@ -333,7 +355,8 @@ def main(argv=None) -> AuditResult:
     from .components import load_toy_components
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a StableDiffusionPipeline folder (e.g. diffusers_fair.toy.model_path())")
+    parser.add_argument("--model", required=True,
+                        help="a StableDiffusionPipeline folder (e.g. diffusers_fair.toy.model_path())")
     parser.add_argument("--split", choices=["train", "test", "all"], default="test")
     parser.add_argument("--group", default="occupation", help="occupation, sport, descriptor or all")
     parser.add_argument("--images-per-word", type=int, default=32)
@@ -342,7 +365,8 @@ def main(argv=None) -> AuditResult:
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--explicit", type=int, default=0, help="also check explicit-trait prompts with this many images each")
+    parser.add_argument("--explicit", type=int, default=0,
+                        help="also check explicit-trait prompts with this many images each")
     parser.add_argument("--reconstructions", type=int, default=0,
                         help="also measure the classifier on this many renders passed through the model's autoencoder")
     parser.add_argument("--threads", type=int, default=1)
@@ -351,15 +375,17 @@ def main(argv=None) -> AuditResult:
     pipe = StableDiffusionPipeline.from_pretrained(args.model)
     components = load_toy_components()
     chosen = world.words(None if args.group == "all" else args.group, None if args.split == "all" else args.split)
-    result = audit_pipeline(pipe, chosen, args.images_per_word, components, seed=args.seed, guidance_scale=args.guidance_scale,
-                            num_inference_steps=args.steps, batch_size=args.batch_size)
+    result = audit_pipeline(pipe, chosen, args.images_per_word, components, seed=args.seed,
+                            guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+                            batch_size=args.batch_size)
     result.settings.update(model=str(args.model), split=args.split, group=args.group)
     if args.explicit:
         result.settings["explicit_prompt_agreement"] = explicit_prompt_agreement(
             pipe, components, args.explicit, seed=args.seed, guidance_scale=args.guidance_scale,
             num_inference_steps=args.steps, batch_size=args.batch_size)
     if args.reconstructions:
-        result.settings["reconstruction_accuracy"] = reconstruction_accuracy(pipe, components, args.reconstructions, seed=args.seed)
+        result.settings["reconstruction_accuracy"] = reconstruction_accuracy(pipe, components, args.reconstructions,
+                                                                             seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "audit.json").write_text(result.to_json() + "\n")
     (args.out / "audit.md").write_text(result.to_markdown())
