@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusers_fair._utils.plotting import pyplot
 from diffusers_fair.method import dft, losses
-from diffusers_fair.training import trainable
-from diffusers_fair.toy.demo import load_toy_pipeline
 from diffusers_fair.toy.components import load_toy_components
+from diffusers_fair.toy.demo import load_toy_pipeline
 from diffusers_fair.toy.render import TRAITS, render
+from diffusers_fair.training import trainable
+
 
 VARIANTS = {
     "naive": {"mode": "naive"},
@@ -102,10 +104,7 @@ def smooth(values: np.ndarray, width: int = 5) -> np.ndarray:
 
 
 def plot(curves: dict[str, list[list[float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for variant, runs in curves.items():

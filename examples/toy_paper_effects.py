@@ -33,10 +33,18 @@ from pathlib import Path
 
 import torch
 
-from diffusers_fair.toy.demo import DemoSettings, ToyExperiment, audit_base_model, demo_experiment, run_experiment, uniform
+from diffusers_fair._utils.plotting import pyplot
 from diffusers_fair.evaluation.metrics import bias_floor
 from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.toy.components import load_toy_components
+from diffusers_fair.toy.demo import (
+    DemoSettings,
+    ToyExperiment,
+    audit_base_model,
+    demo_experiment,
+    run_experiment,
+    uniform,
+)
 from diffusers_fair.toy.render import TRAITS
 
 
@@ -109,10 +117,7 @@ def seed_markdown(reports: dict[str, dict]) -> str:
 
 def plot_summary(reports: dict[str, dict], path: Path) -> None:
     """Held-out bias before (hatched) and after each run, one group of bars per run and attribute."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(TRAITS), figsize=(4.2 * len(TRAITS), 3.6), sharey=True)
     names = list(reports)

@@ -20,7 +20,9 @@ import os
 import re
 from pathlib import Path
 
+from .._utils.plotting import pyplot
 from .results import EvalResult
+
 
 GRID_ROWS = 8  # prompts per image-grid file
 DPI = 90
@@ -120,15 +122,6 @@ def _prompt_table(result: EvalResult, sources: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _colours(plt, n: int):
     return plt.get_cmap("tab10" if n <= 10 else "tab20").colors
 
@@ -137,7 +130,7 @@ def plot_prompt_distributions(result: EvalResult, group: str, path: Path) -> Pat
     """Stacked bars of ``group``'s class frequencies per prompt (with a reference: hatched, left)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     classes = result.groups[group]
     labels = short_labels([p.prompt for p in result.prompts])
     x = np.arange(len(labels))
@@ -168,7 +161,7 @@ def plot_overall(result: EvalResult, path: Path) -> Path:
     """One panel per attribute / joint: mean class frequencies (reference and model); dashed: uniform."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     groups = list(result.groups)
     sources = ["reference", "model"] if result.has_reference else ["model"]
     summaries = {source: result.summary(source)["groups"] for source in sources}
@@ -199,7 +192,7 @@ def plot_grids(result: EvalResult, folder: Path, rows: int = GRID_ROWS) -> list[
     model's images from the same noise (same column = same starting latent)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     prompts = [p for p in result.prompts if p.samples is not None and p.samples.shape[0] > 0]
     paths = []
     for chunk_index, start in enumerate(range(0, len(prompts), rows)):

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .._utils.plotting import pyplot
 from ..evaluation.audit import generate, initial_noise, latent_shape, read_faces
 from ..evaluation.metrics import bias_metric, class_counts, frequencies
 from ..evaluation.results import ImageReadout
@@ -318,10 +319,7 @@ def reconstruction_accuracy(pipe, components: ToyComponents, num_images: int = 4
 def plot(result: AuditResult, out_dir: Path) -> list[Path]:
     """One stacked bar chart per attribute: per word, the training skew (left, hatched) beside the
     generated frequencies (right); written as ``out_dir/audit_<attr>.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     names = [w.word for w in result.words]

@@ -26,13 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._utils.plotting import pyplot
 from ..adaptors.format import update_fair_adaptor_metadata
-from ..training.config import FairTrainingConfig
 from ..adaptors.pipeline import load_fair_adaptor
 from ..method.targets import TargetDistribution
+from ..training.config import FairTrainingConfig
 from . import model_path, world
 from .audit import AuditResult, audit_pipeline
 from .render import TRAITS
+
 
 DEBIASED = ("hair_length", "skin_tone")
 
@@ -152,8 +154,8 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
     ``before`` reuses a base-model audit made with the same settings (:func:`audit_base_model`).
     Returns the report, also written as ``report.json`` next to ``report.md``, the plots and ``adaptor/``.
     """
-    from .components import load_toy_components
     from ..training.trainer import DistributionalAlignmentTrainer
+    from .components import load_toy_components
 
     settings = settings or DemoSettings()
     out = Path(out)
@@ -237,8 +239,10 @@ def write_markdown(out: Path, report: dict) -> Path:
                      f"{'yes' if a in report['debiased'] else 'no'} |")
     lines += ["", f"Similarity to the base model's images from the same noise (scene embedding): {report['similarity']:.3f}.",
               "", "Class shares over all held-out images:", "", "| attribute | before | after |", "|---|---|---|"]
+    def fmt(shares: dict) -> str:
+        return ", ".join(f"{c} {v:.2f}" for c, v in shares.items())
+
     for a in TRAITS:
-        fmt = lambda shares: ", ".join(f"{c} {v:.2f}" for c, v in shares.items())
         lines.append(f"| {a} | {fmt(report['shares_before'][a])} | {fmt(report['shares_after'][a])} |")
     lines += ["", "![bias](bias.png)", "", "![shares](shares.png)", "", "![images](images.png)", "",
               "Image grid: per word, the base model (top row) and the debiased model (bottom row) from the same noise.", ""]
@@ -247,17 +251,8 @@ def write_markdown(out: Path, report: dict) -> Path:
     return path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_bias(out: Path, report: dict) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     names = list(TRAITS)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -275,7 +270,7 @@ def plot_bias(out: Path, report: dict) -> Path:
 
 def plot_shares(out: Path, before: AuditResult, after: AuditResult, attributes: list[str]) -> Path:
     """Per word, the generated share of each class, before (left bar) and after (right bar)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(attributes), 1, figsize=(10, 3.2 * len(attributes)), squeeze=False)
     names = [w.word for w in before.words]
     x = np.arange(len(names))
