@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .metrics import SOURCES
 from .results import EvalResult, ImageReadout, PromptResult
 
+
 NOISE_SCHEME = "sha256(seed|prompt|index)-cpu-randn-v1"  # changing how noise is drawn changes this name
 THUMBNAIL_SIZE = 256  # sample images kept for grids are shrunk to at most this side
 
@@ -88,34 +89,26 @@ def _device_of(module) -> torch.device:
 
 @torch.no_grad()
 def read_faces(images: torch.Tensor, components, *, batch_size: int = 32) -> ImageReadout:
-    """Detect the largest face of each image and classify it with ``components.classifier``.
+    """Detect the largest face of each image and classify it with ``components.classifier``, in batches.
 
-    The crop is the detector's box grown by ``components.crop_factor`` (1 when absent) into a
-    square (``faces.expand_boxes``), resized to the classifier's ``input_size``.
+    Faces are read by :func:`diffusers_fair.components.faces.read_faces`: the detector's box grown
+    by ``components.crop_factor`` (1 when absent) into a square, cropped and resized to the
+    classifier's ``input_size``. The readout is on the CPU; rows of images without a face have
+    zero boxes, scores and probabilities.
     """
-    from ..method.boxes import crop_faces, expand_boxes  # torchvision: imported on first use
+    from ..components import faces  # torchvision: imported on first use
 
-    classifier, detector = components.classifier, components.detector
     crop_factor = float(getattr(components, "crop_factor", 1.0))
-    found, boxes, scores = [], [], []
-    probs = {name: [] for name in classifier.attributes}
-    for start in range(0, images.shape[0], batch_size):
-        chunk = images[start : start + batch_size]
-        detection = detector.detect(chunk.to(_device_of(detector)))
-        f, b = detection.found.bool().cpu(), detection.boxes.float().cpu()
-        p = {name: torch.zeros(chunk.shape[0], len(c)) for name, c in classifier.attributes.items()}
-        if f.any():
-            square = expand_boxes(b[f], crop_factor, tuple(chunk.shape[-2:]))
-            crops = crop_faces(chunk[f].to(_device_of(classifier)), square.to(_device_of(classifier)), classifier.input_size)
-            for name, logits in classifier(crops).items():
-                p[name][f] = logits.float().softmax(dim=1).cpu()
-        found.append(f)
-        boxes.append(b)
-        scores.append(detection.scores.float().cpu())
-        for name in probs:
-            probs[name].append(p[name])
-    return ImageReadout(found=torch.cat(found), boxes=torch.cat(boxes), scores=torch.cat(scores),
-                        probs={name: torch.cat(v) for name, v in probs.items()})
+    device = _device_of(components.classifier)  # the readout's arithmetic runs where the classifier runs
+    readings = [faces.read_faces(images[start : start + batch_size].to(device), components.detector,
+                                 components.classifier, crop_factor=crop_factor)
+                for start in range(0, images.shape[0], batch_size)]
+    found = torch.cat([r.found for r in readings]).cpu()
+    probs = {name: torch.cat([torch.where(r.found[:, None], r.logits[name].softmax(dim=1), 0.0) for r in readings])
+             for name in components.classifier.attributes}
+    return ImageReadout(found=found, boxes=torch.cat([r.boxes for r in readings]).cpu(),
+                        scores=torch.cat([r.scores for r in readings]).cpu(),
+                        probs={name: p.cpu() for name, p in probs.items()})
 
 
 @torch.no_grad()

@@ -64,6 +64,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+
 __all__ = [
     "DFTResult",
     "SUPPORTED_SCHEDULERS",
@@ -97,6 +98,8 @@ class DFTResult:
         scales: the multipliers ``s_k`` applied to ``dL/dz_0`` for each step: ``sign(a_k)`` or
             ``a_k``; ``None`` for ``mode="naive"``, which uses the exact chain.
         timesteps: the scheduler timesteps of the steps, in sampling order (CPU).
+        stats: what ``loss_fn`` returned besides the loss (``loss_fn(z_0) -> (loss, stats)``), or
+            ``None`` when it returned the loss alone: how a loss reports its parts to the caller.
     """
 
     latents: torch.Tensor
@@ -104,6 +107,7 @@ class DFTResult:
     coefficients: torch.Tensor
     scales: torch.Tensor | None
     timesteps: torch.Tensor
+    stats: Any = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +310,16 @@ def sample_latents(
 # ----------------------------------------------------------------------------------------------
 
 
+def _call_loss(loss_fn, z0: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``loss_fn(z0)`` as ``(scalar loss, stats)``: ``stats`` is ``None`` when it returned the loss alone."""
+    out = loss_fn(z0)
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ValueError(f"loss_fn must return a loss or a (loss, stats) pair, got a tuple of {len(out)}")
+        return _checked_loss(out[0]), out[1]
+    return _checked_loss(out), None
+
+
 def _checked_loss(loss) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(f"loss_fn must return a one-element tensor, got {type(loss).__name__} "
@@ -343,7 +357,7 @@ def _two_pass(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, l
     # The loss and g = dL/dz_0 (one backward through the decoder and the loss models).
     z0_leaf = z0.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = _checked_loss(loss_fn(z0_leaf))
+        loss, stats = _call_loss(loss_fn, z0_leaf)
         loss.backward()
     if z0_leaf.grad is None:
         raise ValueError("loss_fn's result does not depend on z_0")
@@ -369,7 +383,7 @@ def _two_pass(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, l
             grads.append(leaf.grad)
     if roots:
         torch.autograd.backward(roots, grads)
-    return z0, loss
+    return z0, loss, stats
 
 
 def _one_graph(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
@@ -387,9 +401,9 @@ def _one_graph(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, 
             unet, fresh, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs,
             detach_unet_input=True, on_model_output=rescale, progress=progress,
         )
-        loss = _checked_loss(loss_fn(z0))
+        loss, stats = _call_loss(loss_fn, z0)
         loss.backward()
-    return z0.detach(), loss
+    return z0.detach(), loss, stats
 
 
 def _naive(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
@@ -400,9 +414,9 @@ def _naive(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss
             unet, fresh, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs,
             on_model_output=lambda k, eps: _require_trainable(eps), progress=progress,
         )
-        loss = _checked_loss(loss_fn(z0))
+        loss, stats = _call_loss(loss_fn, z0)
         loss.backward()
-    return z0.detach(), loss
+    return z0.detach(), loss, stats
 
 
 def adjusted_backward(
@@ -410,7 +424,7 @@ def adjusted_backward(
     scheduler,
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, Any]],
     *,
     num_inference_steps: int,
     guidance_scale: float = 1.0,
@@ -435,8 +449,9 @@ def adjusted_backward(
         latents: initial noise ``(B, C, H, W)``, standard normal, as passed to the pipeline's
             ``latents=`` (it is multiplied by ``init_noise_sigma``). Sets the dtype and device.
         prompt_embeds: ``(B, tokens, dim)`` text embeddings; may require grad (a trained text encoder).
-        loss_fn: ``loss_fn(z_0) -> scalar tensor``; may decode with a VAE, run classifiers, close
-            over targets.
+        loss_fn: ``loss_fn(z_0) -> scalar tensor``, or ``-> (scalar tensor, stats)`` to hand back
+            values computed with the loss (``DFTResult.stats``); may decode with a VAE, run
+            classifiers, close over targets.
         num_inference_steps: sampling steps ``T``.
         guidance_scale: classifier-free guidance weight ``w``; guidance is applied when ``w > 1``.
         negative_prompt_embeds: embeddings of the negative (e.g. empty) prompt; needed when ``w > 1``.
@@ -448,7 +463,8 @@ def adjusted_backward(
         progress: show a progress bar over the steps.
 
     Returns:
-        :class:`DFTResult` with the detached ``z_0`` and loss, and the per-step coefficients.
+        :class:`DFTResult` with the detached ``z_0`` and loss, the per-step coefficients and the
+        loss's ``stats``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -464,10 +480,11 @@ def adjusted_backward(
     common = (unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
               unet_kwargs, num_inference_steps)
     if mode == "two_pass":
-        z0, loss = _two_pass(*common, scales, progress)
+        z0, loss, stats = _two_pass(*common, scales, progress)
     elif mode == "one_graph":
-        z0, loss = _one_graph(*common, coefficients, scales, progress)
+        z0, loss, stats = _one_graph(*common, coefficients, scales, progress)
     else:
-        z0, loss = _naive(*common, progress)
+        z0, loss, stats = _naive(*common, progress)
         scales = None
-    return DFTResult(latents=z0, loss=loss.detach(), coefficients=coefficients, scales=scales, timesteps=timesteps)
+    return DFTResult(latents=z0, loss=loss.detach(), coefficients=coefficients, scales=scales, timesteps=timesteps,
+                     stats=stats)

@@ -12,10 +12,12 @@ all, seeded, in a few minutes on one CPU thread) stand in for the real models of
 * :class:`ToyFaceEmbedder` embeds face crops for the face-realism loss, and a set of embeddings of
   rendered faces serves as the reference faces.
 
-Face crops are taken the way the trainer takes them: the detector's box, grown into a square by
-``faces.expand_boxes(boxes, FACE_CROP_FACTOR, (H, W))``, then ``faces.crop_faces(images, boxes, S)``
-with ``S`` the model's ``input_size``. The classifier was trained with random crop factors and box
-jitter around that, so small detector errors do not matter.
+Face crops are taken the way the trainer and the audit read faces
+(``diffusers_fair.components.faces.read_faces``): the detector's box, grown into a square by
+``method.boxes.expand_boxes(boxes, FACE_CROP_FACTOR, (H, W))``, then
+``method.boxes.crop_faces(images, boxes, S)`` with ``S`` the model's ``input_size``
+(:func:`face_crops`). The classifier was trained with random crop factors and box jitter around
+that, so small detector errors do not matter.
 
 All models take images in ``[0, 1]`` and are differentiable with respect to their input;
 :func:`load_toy_components` returns them in eval mode with frozen parameters, loaded from the
@@ -40,7 +42,7 @@ from .render import SCENE_PARAMETERS, TRAITS
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # The square crop around a detected face box that the classifier and the face embedder expect:
-# side = FACE_CROP_FACTOR * the box's longer side (``faces.expand_boxes``).
+# side = FACE_CROP_FACTOR * the box's longer side (``method.boxes.expand_boxes``).
 FACE_CROP_FACTOR = 1.1
 IMAGE_SIZE = 32  # the toy world's image side; image embedders and the detector resize other sizes to it
 FACE_SIZE = 24  # the side of the face crops the classifier and the face embedder read
@@ -226,7 +228,11 @@ class ToyFaceEmbedder(FaceEmbedder):
 
 
 def face_crops(images: torch.Tensor, boxes: torch.Tensor, size: int, factor: float = FACE_CROP_FACTOR) -> torch.Tensor:
-    """The square face crops the toy classifier and face embedder read (differentiable in ``images``)."""
+    """The square face crops the toy classifier and face embedder read, for given boxes (differentiable in ``images``).
+
+    The crop step of ``components.faces.read_faces`` without the detection: training the toy models
+    crops around known (jittered) boxes.
+    """
     return crop_faces(images, expand_boxes(boxes, factor, tuple(images.shape[-2:])), size)
 
 
@@ -241,7 +247,7 @@ class ToyComponents:
         face_embedder: the face embedder for the face-realism loss.
         reference_faces: ``(N, D)`` face-embedder embeddings of rendered faces (uniform traits).
         reference_traits: trait -> ``(N,)`` class indices of the reference faces.
-        crop_factor: the box expansion for face crops (``faces.expand_boxes``).
+        crop_factor: the box expansion for face crops (``method.boxes.expand_boxes``).
         metadata: the training record of the weights (seed, accuracies, timings).
     """
 

@@ -18,6 +18,10 @@ prompts:
 5. **Update**: sum the gradients over processes, skip the step if anything is NaN or infinite,
    clip, AdamW, and update the EMA of the trained weights (the EMA is what gets saved).
 
+A batch whose class probabilities are NaN or infinite has no targets: :class:`BatchTargets` says
+so, and the iteration stops there and is logged as skipped (``max_nonfinite_steps`` of them end the
+run). Faces are read by one routine, ``components.faces.read_faces``.
+
 Everything a run needs to continue exactly is checkpointed (``checkpointing.py``); logs go to a
 tracker and to ``output_dir/training_log.jsonl``.
 """
@@ -30,31 +34,48 @@ import os
 import tempfile
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpointing, trainable
+from ..components.faces import FaceReading, read_faces
 from ..method import losses
+from ..method.dft import adjusted_backward, check_scheduler, sample_latents
+from . import checkpointing, trainable
 from .config import FairTrainingConfig
 from .draws import TrainingDraw, derive_seed, draw_iteration
-from .setup_checks import check_components
 from .prompts import resolve_prompt_sets
-from ..method.dft import adjusted_backward, check_scheduler, sample_latents
-from ..method.boxes import crop_faces, expand_boxes
+from .setup_checks import check_components
+
 
 LOG_FILE = "training_log.jsonl"
 
 
-class _NonFiniteBatch(Exception):
-    """Raised inside an iteration whose classifier probabilities are NaN or infinite."""
+@dataclass
+class BatchTargets:
+    """The dynamic targets of this process's images, computed from the whole batch (all processes).
+
+    Attributes:
+        finite: ``False`` when a classifier probability of the batch is NaN or infinite; there are no
+            targets then, and the iteration is skipped.
+        labels: attribute -> ``(n,)`` target class of each local image (-1 without a face).
+        keep: attribute -> ``(n,)`` bool, the target is confident enough to train on.
+        class_counts: attribute -> ``(K,)`` counts of the batch's predicted classes (the same on every process).
+    """
+
+    finite: bool
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    keep: dict[str, torch.Tensor] = field(default_factory=dict)
+    class_counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def learning_rate_at(iteration: int, config: FairTrainingConfig) -> float:
     """The learning rate of iteration ``iteration`` (0-based): a linear warmup over ``lr_warmup_iterations``,
-    then constant or (``lr_schedule="cosine"``) a half-cosine decay to ``lr_final_ratio`` x the peak at the last iteration."""
+    then constant or (``lr_schedule="cosine"``) a half-cosine decay to ``lr_final_ratio`` x the peak at the
+    last iteration."""
     warmup = config.lr_warmup_iterations
     if iteration < warmup:
         return config.learning_rate * (iteration + 1) / warmup
@@ -120,13 +141,17 @@ class DistributionalAlignmentTrainer:
             self._check_writable()
         self.pipeline, self.components = pipeline, components
         self.device = self.accelerator.device
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+        dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        self.weight_dtype = dtypes[config.mixed_precision]
         self.local_images = config.images_per_prompt // processes
-        self.crop_scale = config.face_box_scale if config.face_box_scale is not None else getattr(components, "crop_factor", 1.0)
+        self.crop_scale = config.face_box_scale
+        if self.crop_scale is None:
+            self.crop_scale = getattr(components, "crop_factor", 1.0)
 
         self._prepare_modules()
         weights = trainable.add_trainable_weights(pipeline, config, self.soft_token_names, self.device)
-        self.params, self.lora_configs, self.soft_token_ids = weights.params, weights.lora_configs, weights.soft_token_ids
+        self.params, self.lora_configs = weights.params, weights.lora_configs
+        self.soft_token_ids = weights.soft_token_ids
         self.ema = {name: p.detach().clone().float() for name, p in self.params.items()}
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -140,7 +165,6 @@ class DistributionalAlignmentTrainer:
         self.nonfinite_steps = 0
         self.windows: dict[str, deque] = {}  # attribute -> class counts of recent iterations
         self.history: list[dict] = []
-        self._batch_counts: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ setup
     def _make_accelerator(self):
@@ -178,7 +202,8 @@ class DistributionalAlignmentTrainer:
     def _prepare_modules(self) -> None:
         """Freeze everything, move to the device; frozen weights in the mixed-precision dtype."""
         pipe, c = self.pipeline, self.components
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, c.classifier, c.detector, c.face_embedder, *c.image_embedders):
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, c.classifier, c.detector, c.face_embedder,
+                       *c.image_embedders):
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval().to(self.device)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -207,7 +232,8 @@ class DistributionalAlignmentTrainer:
 
     def _embeddings(self, prompt: str, batch: int, finetuned: bool = True):
         """Prompt and negative-prompt embeddings (the negative one only with guidance)."""
-        cond = self._encode(trainable.soft_token_prefix(self.soft_token_names) + prompt if finetuned else prompt, batch)
+        prefix = trainable.soft_token_prefix(self.soft_token_names) if finetuned else ""
+        cond = self._encode(prefix + prompt, batch)
         guided = self.config.guidance_scale > 1.0
         return cond, (self._encode(self.config.negative_prompt, batch) if guided else None)
 
@@ -232,22 +258,11 @@ class DistributionalAlignmentTrainer:
                                  negative_prompt_embeds=neg)
         return self._decode(latents)
 
-    def _faces(self, images: torch.Tensor):
-        """Detect on the detached images; return ``(found (n,), boxes (n, 4))`` (zero boxes where none)."""
-        detection = self.components.detector.detect(images.detach())
-        found = detection.found.to(self.device).bool()
-        boxes = expand_boxes(detection.boxes.to(self.device).float(), self.crop_scale, tuple(images.shape[-2:]))
-        return found, torch.where(found[:, None], boxes, torch.zeros_like(boxes))
-
-    def _classify(self, images, found, boxes) -> dict[str, torch.Tensor]:
-        """Logits ``(n, K)`` per attribute; rows of images without a face are zeros (and get no loss)."""
-        classifier = self.components.classifier
-        index = found.nonzero().flatten()
-        full = {a: images.new_zeros(images.shape[0], len(c)) for a, c in classifier.attributes.items()}
-        if index.numel() == 0:
-            return full
-        logits = classifier(crop_faces(images[index], boxes[index], classifier.input_size))
-        return {a: full[a].index_copy(0, index, logits[a].float()) for a in full}
+    def _read_faces(self, images: torch.Tensor, *, embed_faces: bool = False) -> FaceReading:
+        """The faces of ``images`` (``components.faces.read_faces``), with face embeddings if ``embed_faces``."""
+        c = self.components
+        return read_faces(images, c.detector, c.classifier, crop_factor=self.crop_scale,
+                          face_embedder=c.face_embedder if embed_faces else None)
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.accelerator.num_processes == 1 else self.accelerator.gather(tensor.contiguous())
@@ -256,134 +271,145 @@ class DistributionalAlignmentTrainer:
         start = self.accelerator.process_index * self.local_images
         return tensor[start: start + self.local_images]
 
-    # ------------------------------------------------------------------ the pieces of an iteration
+    # ------------------------------------------------------------------ the stages of an iteration
     @torch.no_grad()
-    def _reference(self, draw: TrainingDraw, slices) -> losses.ReferenceImages:
+    def _reference(self, draw: TrainingDraw, noise: torch.Tensor, micro_batches: list[slice]):
         """The frozen model's images from the same noises, and what the losses need of them."""
-        noise = self._local(draw.noise)
         with self._frozen_model():
-            images = torch.cat([self._sample(noise[s], draw.prompt, draw.num_inference_steps, False) for s in slices])
-        found, boxes = self._faces(images)
-        logits = self._classify(images, found, boxes)
+            images = torch.cat([self._sample(noise[rows], draw.prompt, draw.num_inference_steps, False)
+                                for rows in micro_batches])
+        faces = self._read_faces(images, embed_faces=self.config.weight_loss_face > 0)
         classes, confidence = {}, {}
-        for attribute, values in logits.items():
-            conf, cls = torch.softmax(values, dim=1).max(dim=1)
-            classes[attribute] = torch.where(found, cls, torch.full_like(cls, -1))
-            confidence[attribute] = torch.where(found, conf, torch.zeros_like(conf))
-        face_embeddings = None
-        if self.config.weight_loss_face > 0 and found.any():
-            embedder = self.components.face_embedder
-            index = found.nonzero().flatten()
-            embedded = embedder(crop_faces(images[index], boxes[index], embedder.input_size)).float()
-            face_embeddings = embedded.new_zeros(images.shape[0], embedded.shape[1]).index_copy(0, index, embedded)
-        image_embeddings = [e(images).float() for e in self.components.image_embedders] if self.config.weight_loss_img > 0 else []
-        return losses.ReferenceImages(found, boxes, classes, confidence, image_embeddings, face_embeddings)
+        for attribute, logits in faces.logits.items():
+            conf, cls = torch.softmax(logits, dim=1).max(dim=1)
+            classes[attribute] = torch.where(faces.found, cls, torch.full_like(cls, -1))
+            confidence[attribute] = torch.where(faces.found, conf, torch.zeros_like(conf))
+        image_embeddings = []
+        if self.config.weight_loss_img > 0:
+            image_embeddings = [embedder(images).float() for embedder in self.components.image_embedders]
+        return losses.ReferenceImages(faces.found, faces.crop_boxes, classes, confidence, image_embeddings,
+                                      faces.face_embeddings)
 
-    def _alignment_targets(self, probs: dict, found: torch.Tensor, draw: TrainingDraw):
-        """Dynamic targets ``(labels, keep)`` of the local images, from the whole batch gathered across processes."""
+    def _alignment_targets(self, draw: TrainingDraw, probs: dict, found: torch.Tensor) -> BatchTargets:
+        """The dynamic targets of the local images, from the whole batch gathered across processes."""
         found_all = self._gather(found.long()).bool()
         probs_all = {a: self._gather(p.float()) for a, p in probs.items()}
         if not all(torch.isfinite(p[found_all]).all() for p in probs_all.values()):
-            raise _NonFiniteBatch()
+            return BatchTargets(finite=False)
         labels, keep, counts = losses.batch_dynamic_targets(
             probs_all, found_all, self.prompt_sets[draw.prompt_set].targets, threshold=self.config.dal_threshold,
             monte_carlo_samples=self.config.ot_monte_carlo_samples, seed=draw.ot_seed)
-        for attribute, count in counts.items():
-            self._batch_counts[attribute] = self._batch_counts.get(attribute, 0) + count
-        return {a: self._local(x) for a, x in labels.items()}, {a: self._local(x) for a, x in keep.items()}
+        return BatchTargets(finite=True, labels={a: self._local(x) for a, x in labels.items()},
+                            keep={a: self._local(x) for a, x in keep.items()}, class_counts=counts)
 
     @torch.no_grad()
-    def _targets_before_backward(self, draw: TrainingDraw, slices):
-        """With several micro-batches: sample all of them once without grad and compute the targets."""
-        noise = self._local(draw.noise)
-        probs, found_all = {}, []
-        for s in slices:
-            images = self._sample(noise[s], draw.prompt, draw.num_inference_steps, True)
-            found, boxes = self._faces(images)
-            for attribute, logits in self._classify(images, found, boxes).items():
+    def _targets_before_backward(self, draw: TrainingDraw, noise: torch.Tensor, micro_batches: list[slice]):
+        """With several micro-batches: sample each once without grad, read its faces, compute the batch's targets."""
+        probs, found = {}, []
+        for rows in micro_batches:
+            faces = self._read_faces(self._sample(noise[rows], draw.prompt, draw.num_inference_steps, True))
+            for attribute, logits in faces.logits.items():
                 probs.setdefault(attribute, []).append(torch.softmax(logits, dim=1))
-            found_all.append(found)
-        return self._alignment_targets({a: torch.cat(p) for a, p in probs.items()}, torch.cat(found_all), draw)
+            found.append(faces.found)
+        return self._alignment_targets(draw, {a: torch.cat(p) for a, p in probs.items()}, torch.cat(found))
 
-    def _loss_fn(self, draw, s, reference, targets, stats):
-        """The loss of micro-batch ``s`` as a function of its ``z_0`` (``losses.alignment_batch_loss``)."""
+    def _loss_fn(self, draw: TrainingDraw, rows: slice, reference: losses.ReferenceImages, targets):
+        """The loss of micro-batch ``rows`` as a function of its ``z_0`` (``losses.alignment_batch_loss``).
+
+        The function returns ``(loss, (targets, parts))``: the batch's :class:`BatchTargets` (``targets``,
+        or, when ``targets`` is ``None``, those computed from these very images, then the whole local
+        batch) and the detached sums of the micro-batch's loss parts. Without finite targets the loss
+        is a zero attached to ``z_0`` (the backward adds nothing) and ``parts`` is empty.
+        """
         cfg, components = self.config, self.components
         attributes = [a for t in self.prompt_sets[draw.prompt_set].targets for a in t.attributes]
         num_images = cfg.images_per_prompt * cfg.gradient_accumulation_steps
 
-        def loss_fn(z0: torch.Tensor) -> torch.Tensor:
-            images = self._decode(z0)
-            found, boxes = self._faces(images)
-            logits = {a: l for a, l in self._classify(images, found, boxes).items() if a in attributes}
-            if targets is None:  # one micro-batch: this is the whole local batch
-                labels, keep = self._alignment_targets({a: torch.softmax(l.detach(), 1) for a, l in logits.items()}, found, draw)
-            else:
-                labels = {a: x[s] for a, x in targets[0].items()}
-                keep = {a: x[s] & found for a, x in targets[1].items()}
-            result = losses.alignment_batch_loss(
-                images, found, boxes, logits, labels, keep, reference[s], image_embedders=components.image_embedders,
-                face_embedder=components.face_embedder, face_bank=self.face_bank, config=cfg, num_images=num_images)
-            for key, value in {"loss": result.total.detach() * num_images, **result.parts}.items():
-                stats[key] = stats.get(key, 0.0) + value
+        def loss_fn(z0: torch.Tensor):
             # Keeps the loss attached to z_0 when no term applies (no face, zero weights): a zero gradient.
-            return result.total + 0.0 * z0.float().sum()
+            zero = 0.0 * z0.float().sum()
+            images = self._decode(z0)
+            faces = self._read_faces(images)
+            logits = {a: l for a, l in faces.logits.items() if a in attributes}
+            batch = targets
+            if batch is None:
+                probs = {a: torch.softmax(l.detach(), dim=1) for a, l in logits.items()}
+                batch = self._alignment_targets(draw, probs, faces.found)
+            if not batch.finite:
+                return zero, (batch, {})
+            labels = {a: x[rows] for a, x in batch.labels.items()}
+            keep = {a: x[rows] & faces.found for a, x in batch.keep.items()}
+            result = losses.alignment_batch_loss(
+                images, faces.found, faces.crop_boxes, logits, labels, keep, reference[rows],
+                image_embedders=components.image_embedders, face_embedder=components.face_embedder,
+                face_bank=self.face_bank, config=cfg, num_images=num_images)
+            return result.total + zero, (batch, {"loss": result.total.detach() * num_images, **result.parts})
 
         return loss_fn
 
-    def _accumulate(self, iteration: int, index: int, stats: dict) -> TrainingDraw:
-        """Add the gradient of prompt ``index`` of ``iteration`` to the trained weights' ``.grad``."""
-        cfg = self.config
-        draw = draw_iteration(cfg, self.prompt_sets, self.latent_shape, iteration, index)
-        slices = [slice(i, min(i + cfg.micro_batch_size, self.local_images))
-                  for i in range(0, self.local_images, cfg.micro_batch_size)]
-        with self.accelerator.autocast():
-            reference = self._reference(draw, slices)
-            targets = self._targets_before_backward(draw, slices) if len(slices) > 1 else None
-            noise = self._local(draw.noise)
-            for s in slices:
-                batch = noise[s].shape[0]
-                cond, neg = self._embeddings(draw.prompt, batch)
-                adjusted_backward(
-                    self.pipeline.unet, self.scheduler, noise[s].to(self.device, self.weight_dtype), cond,
-                    self._loss_fn(draw, s, reference, targets, stats), num_inference_steps=draw.num_inference_steps,
-                    guidance_scale=cfg.guidance_scale, negative_prompt_embeds=neg, mode=cfg.dft_mode,
-                    standardize=cfg.standardize_dft,
-                )
-        return draw
-
-    def _learning_rate(self, iteration: int) -> float:
-        return learning_rate_at(iteration, self.config)
-
+    # ------------------------------------------------------------------ one iteration
     def train_step(self) -> dict:
-        """Run one iteration (one optimizer step); return its log record."""
-        cfg, params = self.config, list(self.params.values())
-        start, iteration = time.time(), self.iteration
+        """Run one iteration (one optimizer step); return its log record (``"skipped"`` when non-finite)."""
+        cfg, iteration, start = self.config, self.iteration, time.time()
+        params = list(self.params.values())
+        micro_batches = [slice(i, min(i + cfg.micro_batch_size, self.local_images))
+                         for i in range(0, self.local_images, cfg.micro_batch_size)]
         self.optimizer.zero_grad(set_to_none=False)
-        stats, draws, finite = {}, [], True
-        self._batch_counts = {}  # attribute -> predicted-class counts of this iteration's batches
-        try:
-            for index in range(cfg.gradient_accumulation_steps):
-                draws.append(self._accumulate(iteration, index, stats))
-        except _NonFiniteBatch:
-            finite = False
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-        keys = sorted(stats)
-        values = torch.stack([torch.as_tensor(stats[k], device=self.device).float() for k in keys]) if keys else None
-        if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(flat, reduction="sum")
-            values = self.accelerator.reduce(values, reduction="sum") if values is not None else None
-        totals = dict(zip(keys, values.tolist())) if values is not None else {}
-        finite = finite and bool(torch.isfinite(flat).all()) and math.isfinite(totals.get("loss", 0.0))
+        draws, sums, class_counts, finite = [], {}, {}, True
+        for index in range(cfg.gradient_accumulation_steps):
+            # 1. Draw the prompt, the step count and the initial noises of the batch: the same on every
+            #    process and after a resume. This process takes its share of the noises.
+            draw = draw_iteration(cfg, self.prompt_sets, self.latent_shape, iteration, index)
+            noise = self._local(draw.noise).to(self.device, self.weight_dtype)
+            with self.accelerator.autocast():
+                # 2. Reference images: the frozen model samples the same noises; their faces, classes and
+                #    embeddings anchor the losses.
+                reference = self._reference(draw, noise, micro_batches)
+
+                # 3. Alignment targets of the whole batch (all processes). With one micro-batch the loss
+                #    computes them from the very images it reads; with several, a no-grad pass comes first.
+                targets = self._targets_before_backward(draw, noise, micro_batches) if len(micro_batches) > 1 else None
+
+                # 4. Adjusted backward: each micro-batch adds the gradient of its share of the batch loss
+                #    to .grad; its loss hands back the batch's targets and the sums of its loss parts.
+                if targets is None or targets.finite:
+                    for rows in micro_batches:
+                        cond, neg = self._embeddings(draw.prompt, noise[rows].shape[0])
+                        loss_fn = self._loss_fn(draw, rows, reference, targets)
+                        result = adjusted_backward(
+                            self.pipeline.unet, self.scheduler, noise[rows], cond, loss_fn,
+                            num_inference_steps=draw.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            negative_prompt_embeds=neg, mode=cfg.dft_mode, standardize=cfg.standardize_dft)
+                        targets, parts = result.stats  # with one micro-batch: the targets the loss computed
+                        for key, value in parts.items():
+                            sums[key] = sums.get(key, 0.0) + value
+            if not targets.finite:  # NaN or infinite class probabilities: skip the step, draw no further prompt
+                finite = False
+                break
+            draws.append(draw)
+            for attribute, count in targets.class_counts.items():
+                class_counts[attribute] = class_counts.get(attribute, 0) + count
+
+        # 5. Update: sum the gradients and the loss parts over the processes, skip the step if anything is
+        #    NaN or infinite, clip, AdamW, EMA. The sum is taken here, once per iteration, instead of by
+        #    DDP in accelerator.backward: the adjusted backward calls backward once per sampling step (and
+        #    once for the text encoder), and the trained weights are peft layers inside the pipeline's
+        #    modules, which accelerator.prepare does not wrap.
+        grads = self.accelerator.reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in params],
+                                        reduction="sum")
+        sums = {key: torch.as_tensor(sums[key], device=self.device).float() for key in sorted(sums)}
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        totals = {key: float(value) for key, value in sums.items()}
+        finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
+        finite = finite and math.isfinite(totals.get("loss", 0.0))
         grad_norm = None
         if finite:
-            offset = 0
-            for p in params:
-                p.grad = flat[offset: offset + p.numel()].view_as(p).clone()
-                offset += p.numel()
+            for p, grad in zip(params, grads):
+                p.grad = grad
             if cfg.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             for group in self.optimizer.param_groups:
-                group["lr"] = self._learning_rate(iteration)
+                group["lr"] = learning_rate_at(iteration, cfg)
             self.optimizer.step()
             decay = ema_decay_at(self.ema_updates, cfg.ema_decay, cfg.ema_warmup)
             with torch.no_grad():
@@ -394,7 +420,8 @@ class DistributionalAlignmentTrainer:
             self.optimizer.zero_grad(set_to_none=False)
             self.nonfinite_steps += 1
         self.iteration += 1
-        record = self._record(iteration, draws, totals, finite, grad_norm, time.time() - start)
+
+        record = self._record(iteration, draws, totals, class_counts, finite, grad_norm, time.time() - start)
         if not finite and self.nonfinite_steps > cfg.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{self.nonfinite_steps} iterations had NaN or infinite losses or gradients (the last: iteration "
@@ -404,12 +431,13 @@ class DistributionalAlignmentTrainer:
         return record
 
     # ------------------------------------------------------------------ logging
-    def _record(self, iteration, draws, totals, finite, grad_norm, seconds) -> dict:
+    def _record(self, iteration, draws, totals, class_counts, finite, grad_norm, seconds) -> dict:
         cfg = self.config
         n = cfg.images_per_prompt * cfg.gradient_accumulation_steps
         record = {"iteration": iteration + 1, "prompts": [d.prompt for d in draws],
                   "num_inference_steps": [d.num_inference_steps for d in draws], "skipped": not finite,
-                  "nonfinite_steps": self.nonfinite_steps, "lr": self._learning_rate(iteration), "grad_norm": grad_norm,
+                  "nonfinite_steps": self.nonfinite_steps, "lr": learning_rate_at(iteration, cfg),
+                  "grad_norm": grad_norm,
                   "seconds": round(seconds, 3)}
         if totals:
             record.update(loss=totals["loss"] / n, dal=totals["dal"] / n, semantics=totals["semantics"] / n,
@@ -421,7 +449,7 @@ class DistributionalAlignmentTrainer:
             return {c: float(x) / total for c, x in zip(self.components.classifier.attributes[attribute], counts)}
 
         batch, running = {}, {}
-        for attribute, counts in self._batch_counts.items():
+        for attribute, counts in class_counts.items():
             window = self.windows.setdefault(attribute, deque(maxlen=cfg.distribution_window))
             window.append(counts.tolist())
             batch[attribute] = frequencies(attribute, counts.tolist())
@@ -431,7 +459,8 @@ class DistributionalAlignmentTrainer:
         if self.accelerator.is_main_process:
             with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            scalars = {k: record[k] for k in ("loss", "dal", "semantics", "face_realism", "faces_found", "lr") if k in record}
+            names = ("loss", "dal", "semantics", "face_realism", "faces_found", "lr")
+            scalars = {k: record[k] for k in names if k in record}
             scalars.update({f"kept/{a}": v for a, v in record.get("kept", {}).items()})
             scalars.update({f"distribution/{a}/{c}": v for a, d in running.items() for c, v in d.items()})
             self.accelerator.log(scalars, step=iteration + 1)
@@ -439,7 +468,8 @@ class DistributionalAlignmentTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict]:
-        """Train until ``config.num_iterations`` (resuming first if ``config.resume_from``); return the log records of this call."""
+        """Train until ``config.num_iterations`` (resuming first if ``config.resume_from``); return the log records
+        of this call."""
         cfg, accelerator = self.config, self.accelerator
         saved = None
         if cfg.resume_from is not None:
@@ -448,8 +478,8 @@ class DistributionalAlignmentTrainer:
                 self.load_checkpoint(saved)
         if accelerator.is_main_process:
             (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            accelerator.init_trackers("diffusers-fair", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                                for k, v in cfg.to_dict().items()})
+            tracked = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in cfg.to_dict().items()}
+            accelerator.init_trackers("diffusers-fair", config=tracked)
         if cfg.sample_every and self.iteration == 0:
             self.save_samples()
         first = len(self.history)
@@ -469,7 +499,10 @@ class DistributionalAlignmentTrainer:
             self.save_checkpoint()
         if accelerator.is_main_process:
             plot_loss_curve(self.output_dir / LOG_FILE, self.output_dir / "loss_curve.png")
-        accelerator.end_training()
+        # The trackers' end, not accelerator.end_training(): that also destroys the process group, which
+        # save_adaptor and push_to_hub still need on every process after training.
+        for tracker in accelerator.trackers:
+            tracker.finish()
         return self.history[first:]
 
     @torch.no_grad()
@@ -483,7 +516,8 @@ class DistributionalAlignmentTrainer:
             generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "samples"))
             noise = torch.randn((len(prompts), cfg.sample_images_per_prompt, *self.latent_shape), generator=generator)
             with self.ema_weights(), self.accelerator.autocast():
-                images = torch.cat([self._sample(noise[i], p, cfg.max_inference_steps, True) for i, p in enumerate(prompts)])
+                images = torch.cat([self._sample(noise[i], prompt, cfg.max_inference_steps, True)
+                                    for i, prompt in enumerate(prompts)])
             path = self.output_dir / "samples" / f"step-{self.iteration:06d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image(images.cpu(), path, nrow=cfg.sample_images_per_prompt, padding=1)
@@ -499,7 +533,8 @@ class DistributionalAlignmentTrainer:
         path = self._checkpoint_dir() / checkpointing.checkpoint_name(self.iteration)
         if self.accelerator.is_main_process:
             counters = {"iteration": self.iteration, "ema_updates": self.ema_updates,
-                        "nonfinite_steps": self.nonfinite_steps, "windows": {a: list(w) for a, w in self.windows.items()}}
+                        "nonfinite_steps": self.nonfinite_steps,
+                        "windows": {a: list(w) for a, w in self.windows.items()}}
             tensors, state = checkpointing.pack_training_state(self.params, self.ema, self.optimizer, counters)
             state["config"] = self.config.to_dict()
             path = checkpointing.save_checkpoint(self._checkpoint_dir(), self.iteration, tensors, state)
@@ -529,7 +564,8 @@ class DistributionalAlignmentTrainer:
         fields.setdefault("training", json.loads(json.dumps(training)))
         return FairAdaptorMetadata.for_pipeline(self.pipeline, name=name, base_model=self.config.base_model, **fields)
 
-    def save_adaptor(self, folder: str | Path, *, name: str = "fair-adaptor", overwrite: bool = False, **metadata_fields):
+    def save_adaptor(self, folder: str | Path, *, name: str = "fair-adaptor", overwrite: bool = False,
+                     **metadata_fields):
         """Save the EMA weights as a fair adaptor (``adaptors.save_fair_adaptor``).
 
         Call it on every process: the main process writes, the others wait until the folder is
