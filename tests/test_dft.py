@@ -433,3 +433,30 @@ def test_coefficients_are_cached_and_not_aliased():
     first.zero_()
     second = step_coefficients(scheduler, 5)
     assert second.abs().min() > 0
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "one_graph", "naive"])
+def test_a_loss_with_stats_hands_them_back_and_gives_the_same_gradient(mode):
+    unet = make_unet()
+    scheduler = make_scheduler("dpm")
+    latents, cond, uncond, loss_fn = make_inputs()
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=2.0, negative_prompt_embeds=uncond, mode=mode)
+
+    plain = adjusted_backward(unet, scheduler, latents, cond, loss_fn, **kwargs)
+    plain_grads = collect_grads(unet)
+    zero_grads(unet)
+    seen = []
+
+    def loss_with_stats(z0):
+        seen.append(z0.detach().clone())
+        loss = loss_fn(z0)
+        return loss, {"loss": loss.detach(), "calls": len(seen)}
+
+    result = adjusted_backward(unet, scheduler, latents, cond, loss_with_stats, **kwargs)
+    assert plain.stats is None
+    assert len(seen) == 1 and result.stats["calls"] == 1
+    assert torch.equal(result.stats["loss"], result.loss) and torch.equal(seen[0], result.latents)
+    assert torch.equal(collect_grads(unet), plain_grads)
+
+    with pytest.raises(ValueError, match="a tuple of 3"):
+        adjusted_backward(unet, scheduler, latents, cond, lambda z0: (loss_fn(z0), 1, 2), **kwargs)

@@ -1,7 +1,6 @@
 """Tests of diffusers_fair.method.losses against hand computations and autograd through explicit formulas."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -255,10 +254,10 @@ def test_alignment_batch_loss_against_a_hand_composition():
         found=torch.tensor([True, True, True]), boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 3),
         classes={"gender": torch.tensor([1, 1, 0])}, confidence={"gender": torch.tensor([0.95, 0.99, 0.9])},
         image_embeddings=[torch.randn(3, 5, generator=gen)], face_embeddings=torch.randn(3, 3, generator=gen))
-    config = SimpleNamespace(image_change_factor=0.2, attribute_change_factors={}, face_region_factor=0.5,
-                             own_face_confidence=0.9, weight_loss_img=8.0, weight_loss_face=0.7)
+    weights = losses.LossWeights(image_change_factor=0.2, attribute_change_factors={}, face_region_factor=0.5,
+                                 own_face_confidence=0.9, weight_loss_img=8.0, weight_loss_face=0.7)
     result = losses.alignment_batch_loss(images, found, boxes, logits, labels, keep, reference, image_embedders=embedders,
-                                         face_embedder=face_embedder, face_bank=bank, config=config, num_images=5)
+                                         face_embedder=face_embedder, face_bank=bank, weights=weights, num_images=5)
 
     ce = [-torch.log_softmax(logits["gender"][i].detach(), 0)[labels["gender"][i]].item() for i in range(2)]
     sem = hand_cosine_distance(embedders[0](images).detach(), reference.image_embeddings[0])
@@ -288,3 +287,13 @@ def test_alignment_batch_loss_against_a_hand_composition():
     manual.backward()
     torch.testing.assert_close(grad, images.grad, rtol=1e-4, atol=1e-7)
     assert math.isclose(s.sum().item(), s_scaled.sum().item(), rel_tol=1e-6)
+
+
+def test_loss_weights_come_from_the_configs_fields_of_the_same_names():
+    from diffusers_fair.training.config import FairTrainingConfig
+
+    config = FairTrainingConfig.toy(weight_loss_img=3.0, attribute_change_factors={"gender": 0.5}, own_face_confidence=0.8)
+    weights = losses.LossWeights.from_config(config)
+    assert weights == losses.LossWeights(
+        weight_loss_img=3.0, weight_loss_face=config.weight_loss_face, image_change_factor=config.image_change_factor,
+        attribute_change_factors={"gender": 0.5}, face_region_factor=config.face_region_factor, own_face_confidence=0.8)

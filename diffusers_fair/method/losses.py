@@ -52,8 +52,10 @@ from .alignment import MAX_EXACT_COUNT_VECTORS, dynamic_targets, kept_cross_entr
 from .boxes import crop_faces
 from .targets import TargetDistribution
 
+
 __all__ = [
     "BatchLoss",
+    "LossWeights",
     "ReferenceImages",
     "alignment_batch_loss",
     "already_has_targets",
@@ -334,6 +336,35 @@ def batch_dynamic_targets(
     return labels, keep, counts
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """The weights and factors of the method's loss (explained in the module docstring).
+
+    The training config has fields of the same names and meanings (``FairTrainingConfig``); build one
+    from it with :meth:`from_config`, so that the losses depend on their own numbers only.
+
+    Attributes:
+        weight_loss_img: ``lambda_img``, the weight of the image-semantics loss.
+        weight_loss_face: ``lambda_face``, the weight of the face-realism loss.
+        image_change_factor: the semantics weight's factor for an image that must change.
+        attribute_change_factors: per attribute, a factor that replaces ``image_change_factor``.
+        face_region_factor: the further factor on the semantics gradient inside a changing face.
+        own_face_confidence: the confidence above which the original face is the realism reference.
+    """
+
+    weight_loss_img: float
+    weight_loss_face: float
+    image_change_factor: float
+    attribute_change_factors: Mapping[str, float]
+    face_region_factor: float
+    own_face_confidence: float
+
+    @classmethod
+    def from_config(cls, config) -> LossWeights:
+        """The weights of any object with fields of these names (a ``FairTrainingConfig``)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
 @dataclass
 class ReferenceImages:
     """What the losses need of the frozen model's images, one row per image.
@@ -393,7 +424,7 @@ def alignment_batch_loss(
     image_embedders: Sequence[torch.nn.Module],
     face_embedder: torch.nn.Module | None,
     face_bank: torch.Tensor | None,
-    config,
+    weights: LossWeights,
     num_images: int,
 ) -> BatchLoss:
     """The method's loss for the images of one micro-batch (see the module docstring).
@@ -408,24 +439,24 @@ def alignment_batch_loss(
         image_embedders, face_embedder: the embedders of the semantics and realism losses.
         face_bank: ``(M, D)`` embeddings of real faces, or ``None`` (then only an original face
             that already has its target classes can serve as a reference).
-        config: a ``FairTrainingConfig`` (the loss weights and factors).
+        weights: the loss weights and factors.
         num_images: size of the whole alignment batch, the mean's denominator.
     """
     original = {a: reference.classes[a] for a in logits}
     change = needs_change(labels, keep, original)
-    weights = dynamic_image_weights(change, found, factor=config.image_change_factor,
-                                    attribute_factors=config.attribute_change_factors)
+    image_weights = dynamic_image_weights(change, found, factor=weights.image_change_factor,
+                                          attribute_factors=weights.attribute_change_factors)
     dal = dal_per_image(logits, labels, keep)
     semantics = torch.zeros_like(dal)
-    if config.weight_loss_img > 0:
+    if weights.weight_loss_img > 0:
         region = face_region_boxes(boxes, found, reference.boxes, reference.found)
-        scaled = scale_region_gradient(images, region, face_region_factors(change, found, config.face_region_factor))
+        scaled = scale_region_gradient(images, region, face_region_factors(change, found, weights.face_region_factor))
         semantics = image_semantics_loss(scaled, reference.image_embeddings, image_embedders)
     realism = torch.zeros_like(dal)
     applies, use_own = face_realism_plan(found, keep, change, {a: reference.confidence[a] for a in logits},
-                                         min_confidence=config.own_face_confidence)
+                                         min_confidence=weights.own_face_confidence)
     use_own = use_own & reference.found
-    if config.weight_loss_face == 0:
+    if weights.weight_loss_face == 0:
         applies = torch.zeros_like(applies)
     elif face_bank is None:
         applies = applies & use_own
@@ -434,8 +465,8 @@ def alignment_batch_loss(
         faces = face_embedder(crop_faces(images[index], boxes[index], face_embedder.input_size))
         own = reference.face_embeddings[index] if reference.face_embeddings is not None else torch.zeros_like(faces)
         realism = realism.index_copy(0, index, face_realism_loss(faces, face_bank, own_embeddings=own, use_own=use_own[index]))
-    total = combined_loss(dal, semantics, realism, image_weights=weights, realism_applies=applies,
-                          weight_loss_img=config.weight_loss_img, weight_loss_face=config.weight_loss_face,
+    total = combined_loss(dal, semantics, realism, image_weights=image_weights, realism_applies=applies,
+                          weight_loss_img=weights.weight_loss_img, weight_loss_face=weights.weight_loss_face,
                           num_images=num_images)
     parts = {"dal": dal.sum(), "semantics": semantics.sum(), "face_realism": realism.sum(),
              "realism_images": applies.sum(), "faces": found.sum(), **{f"kept/{a}": keep[a].sum() for a in logits}}

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._utils.plotting import pyplot
 from ..components.faces import FaceReading, read_faces
 from ..method import losses
 from ..method.dft import adjusted_backward, check_scheduler, sample_latents
@@ -158,6 +159,7 @@ class DistributionalAlignmentTrainer:
             eps=config.adam_epsilon, weight_decay=config.weight_decay,
         )
         self.face_bank = self._reference_face_bank()
+        self.loss_weights = losses.LossWeights.from_config(config)
         unet_config = pipeline.unet.config
         self.latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
         self.iteration = 0
@@ -342,7 +344,7 @@ class DistributionalAlignmentTrainer:
             result = losses.alignment_batch_loss(
                 images, faces.found, faces.crop_boxes, logits, labels, keep, reference[rows],
                 image_embedders=components.image_embedders, face_embedder=components.face_embedder,
-                face_bank=self.face_bank, config=cfg, num_images=num_images)
+                face_bank=self.face_bank, weights=self.loss_weights, num_images=num_images)
             return result.total + zero, (batch, {"loss": result.total.detach() * num_images, **result.parts})
 
         return loss_fn
@@ -608,10 +610,7 @@ class DistributionalAlignmentTrainer:
 
 def plot_loss_curve(log_file: str | Path, png_file: str | Path) -> Path | None:
     """Plot each loss part per iteration from a training log (JSONL) into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = [json.loads(line) for line in Path(log_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     records = [r for r in records if "loss" in r]
