@@ -94,3 +94,27 @@ def test_a_run_killed_with_sigkill_resumes_exactly(tmp_path):
         assert (a["loss"], a["dal"], a["semantics"]) == (b["loss"], b["dal"], b["semantics"])
     for name, p in full.params.items():
         assert torch.equal(p, resumed.params[name]) and torch.equal(full.ema[name], resumed.ema[name]), name
+
+
+# ---------------------------------------------------------------------------- guards (fast)
+class FakeAccelerator:
+    """What the trainer's set-up reads of an ``accelerate.Accelerator`` running ``num_processes`` processes."""
+
+    def __init__(self, num_processes: int):
+        self.num_processes = num_processes
+        self.mixed_precision = "no"
+        self.is_main_process = True
+        self.process_index = 0
+        self.device = torch.device("cpu")
+
+
+def test_processes_launched_without_accelerate_knowing_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. `accelerate launch --cpu --num_processes 2`, which starts one
+    with pytest.raises(ValueError, match="2 processes were launched but accelerate runs 1"):
+        make_trainer(tmp_path)
+
+
+def test_the_batch_must_divide_among_the_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"images_per_prompt \(3\) must be divisible by the number of processes \(2\)"):
+        make_trainer(tmp_path, images_per_prompt=3, micro_batch_size=3, accelerator=FakeAccelerator(2))

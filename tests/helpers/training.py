@@ -126,6 +126,6 @@ def tiny_config(tmp_path, **overrides) -> FairTrainingConfig:
     return FairTrainingConfig.toy(**settings)
 
 
-def make_trainer(tmp_path, targets=(GENDER * RACE,), prompts=PROMPTS, components=None, **overrides):
+def make_trainer(tmp_path, targets=(GENDER * RACE,), prompts=PROMPTS, components=None, accelerator=None, **overrides):
     return DistributionalAlignmentTrainer(tiny_config(tmp_path, **overrides), tiny_training_pipeline(), list(targets), prompts,
-                                          components or stub_components())
+                                          components or stub_components(), accelerator=accelerator)
