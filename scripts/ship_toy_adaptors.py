@@ -3,7 +3,7 @@
     python scripts/ship_toy_adaptors.py results/toy gender-race gender gender-race-age soft-tokens
 
 For each run named, copies ``RESULTS/<run>/adaptor`` to ``diffusers_fair/adaptors/shipped/<adaptor name>``
-and rewrites that name's entry in ``index.json`` from the adaptor's own metadata (kind, targets,
+writes its model card for that index name, and rewrites that name's entry in ``index.json`` from the adaptor's own metadata (kind, targets,
 files) and the run's report (held-out bias before and after, hair-colour shares, settings).
 """
 
@@ -13,6 +13,10 @@ import argparse
 import json
 import shutil
 from pathlib import Path
+
+from diffusers_fair.adaptors.metadata import CARD_NAME, METADATA_NAME, FairAdaptorMetadata
+from diffusers_fair.adaptors.model_card import build_model_card
+
 
 INDEX_DIR = Path(__file__).resolve().parent.parent / "diffusers_fair" / "adaptors" / "shipped"
 
@@ -66,6 +70,9 @@ def main(argv=None) -> None:
         shutil.copytree(folder / "adaptor", target)
         for path in target.iterdir():
             path.chmod(0o644)
+        # The card's usage snippet names the index entry (the card is not among the hashed files).
+        metadata = FairAdaptorMetadata.from_dict(json.loads((target / METADATA_NAME).read_text()))
+        build_model_card(metadata, name_or_path=name).save(target / CARD_NAME)
         index["adaptors"][name] = entry
         print(f"shipped {name}: {entry['metrics']['held_out_bias_after']}")
     index_file.write_text(json.dumps(index, indent=2) + "\n")

@@ -8,20 +8,13 @@ import copy
 import hashlib
 import json
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
-from helpers.adaptors import (
-    RANK,
-    TE_TARGETS,
-    UNET_TARGETS,
-    make_metadata,
-    random_lora,
-    save_random_adaptor,
-    tiny_pipeline,
-)
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors import safe_open
@@ -38,6 +31,7 @@ from diffusers_fair.adaptors.metadata import (
     FORMAT_VERSION,
     LORA_WEIGHT_NAME,
     METADATA_NAME,
+    SD15,
     SOFT_TOKENS_NAME,
     TOY_BASE_MODEL,
     FairAdaptorMetadata,
@@ -45,7 +39,17 @@ from diffusers_fair.adaptors.metadata import (
     target_from_dict,
     target_to_dict,
 )
+from diffusers_fair.adaptors.model_card import PLACEHOLDER, build_model_card, card_for_repo
 from diffusers_fair.method.targets import TargetDistribution
+from helpers.adaptors import (
+    RANK,
+    TE_TARGETS,
+    UNET_TARGETS,
+    make_metadata,
+    random_lora,
+    save_random_adaptor,
+    tiny_pipeline,
+)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -189,20 +193,84 @@ def test_base_model_id_of_pipelines(tmp_path):
 
 
 # --------------------------------------------------------------------------- model card
-def test_model_card_has_base_model_and_eval_results(pipe, tmp_path):
-    save_random_adaptor(tmp_path, pipe, soft_tokens=2, metrics_after={"bias_gender": 0.125, "clip_t": 0.3})
+def _header(path) -> dict:
+    """The YAML header of a card file, parsed on its own (what the Hub reads)."""
+    text = Path(path).read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_model_card_has_base_model_license_and_eval_results(pipe, tmp_path):
+    metrics = {"bias_gender": 0.125, "clip_t": 0.3}
+    save_random_adaptor(tmp_path, pipe, soft_tokens=2, metrics_after=metrics, base_model=SD15)
     card = ModelCard.load(tmp_path / CARD_NAME)
-    assert card.data.base_model == TOY_BASE_MODEL
+    assert card.data.base_model == SD15
+    assert card.data.license == "creativeml-openrail-m"  # the base model's, none being stated
     assert card.data.library_name == "diffusers"
     assert {"fairness", "diffusers-fair", "gender", "lora-soft_tokens"} <= set(card.data.tags)
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert results == {"bias_gender": 0.125, "clip_t": 0.3}
+    assert _header(tmp_path / CARD_NAME)["model-index"][0]["name"] == "test-gender"
     for section in ("## Intended use", "## Out-of-scope use", "## Attributes and their limits", "## Evaluation", "## Training"):
         assert section in card.text
     assert "gender: male=0.5, female=0.5" in card.text
     assert "| bias_gender | 0.600 | 0.125 |" in card.text
     digest = json.loads((tmp_path / METADATA_NAME).read_text())["files"][LORA_WEIGHT_NAME]
     assert digest in card.text
+    assert f'pipe.load_fair_adaptor("{PLACEHOLDER}")' in card.text  # the repo id is put in on push
+
+
+def test_toy_card_names_the_toy_model_in_the_text_not_as_base_model(pipe, tmp_path):
+    save_random_adaptor(tmp_path, pipe)  # base model: the toy model
+    header = _header(tmp_path / CARD_NAME)
+    assert "base_model" not in header  # diffusers-fair/toy is no Hub repo
+    assert header["license"] == "unknown"  # the package states no license
+    card = ModelCard.load(tmp_path / CARD_NAME)
+    assert "the diffusers-fair toy model" in card.text and "diffusers_fair.toy.model_path()" in card.text
+    assert "StableDiffusionPipeline.from_pretrained(model_path())" in card.text
+    assert "import diffusers_fair" in card.text
+
+
+@pytest.mark.parametrize("metrics, license", [({}, ""), ({"bias_gender": 0.2}, "mit"), ({"a/b": 1e-7, "c": 3.0}, "")])
+def test_every_card_reads_back_with_eval_results_and_no_stray_keys(pipe, tmp_path, metrics, license):
+    metadata = replace(make_metadata(base_model=SD15, license=license, metrics_after=metrics), kind="lora")
+    build_model_card(metadata).save(tmp_path / CARD_NAME)
+    header = _header(tmp_path / CARD_NAME)
+    assert set(header) <= {"base_model", "library_name", "license", "pipeline_tag", "tags", "model-index"}
+    assert header["license"] == (license or "creativeml-openrail-m")
+    card = ModelCard.load(tmp_path / CARD_NAME)
+    read_back = {(r.task_type, r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results or []}
+    assert read_back == {("text-to-image", metadata.eval_prompts, name, value) for name, value in metrics.items()}
+    assert ("model-index" in header) == bool(metrics)
+
+
+def test_shipped_toy_cards_are_built_from_their_metadata():
+    from diffusers_fair.adaptors import hub
+
+    local = {name: entry for name, entry in hub.load_index().items() if entry.status == "local"}
+    assert local
+    for name, entry in local.items():
+        folder = entry.folder(hub.INDEX_DIR)
+        metadata = read_fair_adaptor(folder).metadata
+        written = (folder / CARD_NAME).read_text(encoding="utf-8")
+        assert written == str(build_model_card(metadata, name_or_path=name)), name
+        assert f'pipe.load_fair_adaptor("{name}")' in written
+        card = ModelCard.load(folder / CARD_NAME)
+        assert card.data.base_model is None and card.data.license == "unknown"
+        assert {r.metric_type: r.metric_value for r in card.data.eval_results} == metadata.metrics_after
+        assert "diffusers_fair.pipeline" not in written  # no stale module paths
+
+
+def test_card_for_repo_puts_in_the_repo_id_and_license_keeping_edits(pipe, tmp_path):
+    save_random_adaptor(tmp_path, pipe, base_model=SD15)
+    text = (tmp_path / CARD_NAME).read_text(encoding="utf-8") + "\n## Notes\n\nA hand-written note.\n"
+    pushed = card_for_repo(text, "me/fair-gender")
+    assert PLACEHOLDER not in pushed and 'pipe.load_fair_adaptor("me/fair-gender")' in pushed
+    assert 'pipe.load_lora_weights("me/fair-gender")' in pushed and "A hand-written note." in pushed
+    (tmp_path / "pushed.md").write_text(card_for_repo(text, "me/fair-gender", license="apache-2.0"), encoding="utf-8")
+    card = ModelCard.load(tmp_path / "pushed.md")
+    assert card.data.license == "apache-2.0" and card.data.base_model == SD15
+    assert {r.metric_type for r in card.data.eval_results} == {"bias_gender"}
 
 
 def test_update_metadata_rewrites_card_and_metadata_but_not_the_weights(pipe, tmp_path):

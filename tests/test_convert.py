@@ -6,15 +6,20 @@ appended to the embedding table and placed right after the start-of-text token.
 """
 
 import copy
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
-from helpers.adaptors import PROMPT, text_states, tiny_pipeline
+from huggingface_hub import ModelCard
 
 from diffusers_fair.adaptors import convert
 from diffusers_fair.adaptors.format import read_fair_adaptor
 from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, SD15
 from diffusers_fair.adaptors.pipeline import add_fair_tokens, load_fair_adaptor
+from diffusers_fair.method.targets import TargetDistribution
+from helpers.adaptors import PROMPT, text_states, tiny_pipeline
+
 
 RANK = 3
 TEXT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
@@ -64,7 +69,9 @@ def official_prefix_embedding(text_encoder, n_tokens, seed):
 def hook_layers(model, layers):
     handles = []
     for name, down, up in layers:
-        hook = lambda module, inputs, output, down=down, up=up: output + inputs[0] @ down.T @ up.T
+        def hook(module, inputs, output, down=down, up=up):
+            return output + inputs[0] @ down.T @ up.T
+
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     return handles
 
@@ -191,8 +198,44 @@ def test_convert_command_line(release, tmp_path, capsys):
     from diffusers_fair.cli import main
 
     argv = [str(release[0]), str(tmp_path / "cli"), "--target", "gender: male, female", "--name", "from-cli", "--base-model", "diffusers-fair/toy"]
-    assert main(["convert", *argv]) == 0
-    assert "lora+soft_tokens adaptor for diffusers-fair/toy" in capsys.readouterr().out
+    assert main(["convert", *argv, "--license", "mit"]) == 0
+    out = capsys.readouterr().out
+    assert "lora+soft_tokens adaptor for diffusers-fair/toy" in out and "license mit" in out
+    assert f'pipe.load_fair_adaptor("{tmp_path / "cli"}")' in out
     adaptor = read_fair_adaptor(tmp_path / "cli")
     assert adaptor.metadata.name == "from-cli" and adaptor.metadata.targets[0]["text"] == "gender: male=0.5, female=0.5"
+    assert adaptor.metadata.license == "mit"
+    assert ModelCard.load(tmp_path / "cli" / "README.md").data.license == "mit"
     assert (tmp_path / "cli" / LORA_WEIGHT_NAME).is_file()
+
+
+def test_converted_sd15_adaptors_carry_the_base_model_license(release, tmp_path):
+    metadata = convert.convert_official(release[0] / "text_encoder_lora_EMA.pth", tmp_path / "te")
+    assert metadata.license == "creativeml-openrail-m"
+    card = ModelCard.load(tmp_path / "te" / "README.md")
+    assert card.data.license == "creativeml-openrail-m" and card.data.base_model == SD15
+    assert "source" in metadata.training and metadata.training["ema_weights"] is True
+
+
+def test_the_index_convert_commands_write_their_adaptors(release, tmp_path, monkeypatch, capsys):
+    """Each SD 1.5 entry's command, run as printed where the release was unzipped, writes its adaptor."""
+    from diffusers_fair.adaptors import hub
+    from diffusers_fair.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    entries = [entry for entry in hub.load_index().values() if entry.convert]
+    assert len(entries) >= 6
+    for entry in entries:
+        released = tmp_path / entry.release["file"]
+        released.parent.mkdir(parents=True, exist_ok=True)
+        source = release[0] / Path(entry.release["file"]).name
+        released.write_bytes(source.read_bytes())
+        words = shlex.split(entry.convert)
+        assert main(words[1:]) == 0, entry.name
+        assert f'load it with: pipe.load_fair_adaptor("{entry.convert_destination}")' in capsys.readouterr().out
+        adaptor = read_fair_adaptor(tmp_path / entry.convert_destination)
+        meta = adaptor.metadata
+        assert (meta.name, meta.kind, meta.base_model) == (entry.name, entry.kind, SD15)
+        assert meta.license == "creativeml-openrail-m"
+        assert [TargetDistribution.parse(t) for t in entry.targets] == meta.target_distributions()
+        assert hub._check_against_entry(adaptor, entry) is adaptor  # what loading by name would accept

@@ -1,7 +1,8 @@
 """The Hub: uploads at the huggingface_hub API boundary, downloads end to end against a local server.
 
 Uploads: ``push_adaptor`` is given a fake ``HfApi`` that records the operations; the test checks
-them (and that the real ``HfApi`` methods accept exactly those arguments).
+them (and that the real ``HfApi`` methods accept exactly those arguments). Offline and unreachable
+Hubs are tried with the real ``HfApi``: ``push`` and ``pull`` then fail with one line naming the cause.
 
 Downloads: an ``olah`` server (a Hub mirror that serves local git repositories as model repos,
 offline) runs on 127.0.0.1 for the module. ``HF_ENDPOINT`` is pointed at it; because
@@ -26,9 +27,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
-from helpers.adaptors import save_random_adaptor, text_states, tiny_pipeline
 from huggingface_hub import constants
-from huggingface_hub.utils import filter_repo_objects
 
 from diffusers_fair.adaptors import hub
 from diffusers_fair.adaptors.metadata import (
@@ -36,7 +35,10 @@ from diffusers_fair.adaptors.metadata import (
     METADATA_NAME,
     TOY_BASE_MODEL,
 )
+from diffusers_fair.adaptors.model_card import PLACEHOLDER
 from diffusers_fair.adaptors.pipeline import load_fair_adaptor
+from helpers.adaptors import save_random_adaptor, text_states, tiny_pipeline
+
 
 REPO = "fair-test/toy-gender"
 
@@ -69,30 +71,47 @@ class FakeApi:
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
+    def create_commit(self, repo_id, operations, **kwargs):
+        self.calls.append(("create_commit", {"repo_id": repo_id, "operations": list(operations), **kwargs}))
         return SimpleNamespace(oid="c0ffee" + "0" * 34)
+
+
+def uploaded_files(operations) -> dict:
+    """path in the repo -> uploaded bytes, from CommitOperationAdd operations."""
+    files = {}
+    for operation in operations:
+        source = operation.path_or_fileobj
+        files[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return files
 
 
 def test_push_creates_repo_and_uploads_only_the_adaptor_files(adaptor_dirs, tmp_path):
     folder = tmp_path / "adaptor"
     shutil.copytree(adaptor_dirs / "first", folder)
     (folder / "notes.txt").write_text("not part of the adaptor")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
     api = FakeApi()
     commit = hub.push_adaptor(folder, REPO, private=True, revision="v1", token="secret", api=api)
     assert commit == "c0ffee" + "0" * 34
-    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [name for name, _ in api.calls] == ["create_repo", "create_branch", "create_commit"]
     create, branch, upload = (kwargs for _, kwargs in api.calls)
     assert create == {"repo_id": REPO, "token": "secret", "private": True, "repo_type": "model", "exist_ok": True}
     assert branch == {"repo_id": REPO, "branch": "v1", "token": "secret", "repo_type": "model", "exist_ok": True}
     assert upload["repo_id"] == REPO and upload["revision"] == "v1" and upload["repo_type"] == "model"
-    assert Path(upload["folder_path"]) == folder
     assert upload["commit_message"] == "Upload fair adaptor toy-gender"
-    uploaded = set(filter_repo_objects(os.listdir(folder), allow_patterns=upload["allow_patterns"]))
-    assert uploaded == {"fair_adaptor.json", "README.md", "pytorch_lora_weights.safetensors"}
+    files = uploaded_files(upload["operations"])
+    assert set(files) == {"fair_adaptor.json", "README.md", "pytorch_lora_weights.safetensors"}
+    assert files["fair_adaptor.json"] == before["fair_adaptor.json"]
+    assert files["pytorch_lora_weights.safetensors"] == before["pytorch_lora_weights.safetensors"]
+    # The card on the Hub names the repo in its usage snippet; the local folder is left as it was.
+    card = files["README.md"].decode()
+    assert PLACEHOLDER not in card and f'pipe.load_fair_adaptor("{REPO}")' in card
+    assert card.replace(REPO, PLACEHOLDER) == before["README.md"].decode()
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.name != hub.PUSH_RECORD_NAME} == before
 
     record = json.loads((folder / hub.PUSH_RECORD_NAME).read_text())
-    assert record == [{"repo_id": REPO, "revision": "v1", "commit": commit, "endpoint": FakeApi.endpoint, "files": upload["allow_patterns"]}]
+    assert record == [{"repo_id": REPO, "revision": "v1", "commit": commit, "endpoint": FakeApi.endpoint,
+                       "files": ["fair_adaptor.json", "README.md", "pytorch_lora_weights.safetensors"]}]
     # The calls fit the real HfApi's signatures.
     real = huggingface_hub.HfApi
     for name, kwargs in api.calls:
@@ -100,9 +119,25 @@ def test_push_creates_repo_and_uploads_only_the_adaptor_files(adaptor_dirs, tmp_
 
     api = FakeApi()
     hub.push_adaptor(folder, REPO, api=api)  # main: no branch to create
-    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+    assert [name for name, _ in api.calls] == ["create_repo", "create_commit"]
     assert api.calls[0][1]["private"] is False and api.calls[1][1]["revision"] is None
     assert len(json.loads((folder / hub.PUSH_RECORD_NAME).read_text())) == 2
+
+
+def test_push_license_goes_into_the_uploaded_card_and_metadata(adaptor_dirs, tmp_path):
+    folder = tmp_path / "adaptor"
+    shutil.copytree(adaptor_dirs / "first", folder)
+    api = FakeApi()
+    hub.push_adaptor(folder, REPO, license="apache-2.0", api=api)
+    files = uploaded_files(api.calls[-1][1]["operations"])
+    assert json.loads(files["fair_adaptor.json"])["license"] == "apache-2.0"
+    (tmp_path / "card.md").write_bytes(files["README.md"])
+    card = huggingface_hub.ModelCard.load(tmp_path / "card.md")
+    assert card.data.license == "apache-2.0"
+    assert [r.metric_type for r in card.data.eval_results] == ["bias_gender"]  # the rest of the header is kept
+    assert json.loads((folder / "fair_adaptor.json").read_text())["license"] == ""  # the folder is unchanged
+    with pytest.raises(ValueError, match="Hub license id"):
+        hub.push_adaptor(folder, REPO, license="Apache 2.0", api=FakeApi())
 
 
 def test_push_refuses_before_any_call(adaptor_dirs, tmp_path):
@@ -129,9 +164,55 @@ def test_push_command_line(adaptor_dirs, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
     from diffusers_fair.cli import main
 
-    assert main(["push", str(folder), REPO, "--private", "--message", "first release"]) == 0
+    assert main(["push", str(folder), REPO, "--private", "--message", "first release", "--license", "mit"]) == 0
     assert api.calls[0][1]["private"] is True and api.calls[-1][1]["commit_message"] == "first release"
-    assert f'load_fair_adaptor(pipe, "{REPO}", revision="c0ffee' in capsys.readouterr().out
+    assert json.loads(uploaded_files(api.calls[-1][1]["operations"])["fair_adaptor.json"])["license"] == "mit"
+    assert f'pipe.load_fair_adaptor("{REPO}", revision="c0ffee' in capsys.readouterr().out
+
+
+def _one_line_error(capsys, argv) -> str:
+    from diffusers_fair.cli import main
+
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_push_and_pull_offline_fail_with_one_line_naming_the_cause(adaptor_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = str(adaptor_dirs / "first")
+    line = _one_line_error(capsys, ["push", folder, REPO])
+    assert line.startswith(f"diffusers-fair push: error: pushing {folder} to {REPO}")
+    assert "OfflineModeIsEnabled" in line
+    line = _one_line_error(capsys, ["pull", "fair-test/never-downloaded"])
+    assert "HF_HUB_OFFLINE" in line and "fair-test/never-downloaded" in line
+
+    # Online, with nothing listening at the endpoint: the connection error is the cause.
+    dead = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    line = _one_line_error(capsys, ["push", folder, REPO])
+    assert f"on {dead} failed: ConnectError" in line and "check the network or HF_ENDPOINT" in line
+    line = _one_line_error(capsys, ["pull", REPO])
+    assert f"could not reach {dead}" in line and "ConnectError" in line
+
+
+def test_pull_of_names_from_the_index(tmp_path, capsys):
+    from diffusers_fair.cli import main
+
+    assert main(["pull", "toy-gender-race", "--to", str(tmp_path / "copy")]) == 0
+    assert 'pipe.load_fair_adaptor("' + str(tmp_path / "copy") + '")' in capsys.readouterr().out
+    shipped = hub.load_index()["toy-gender-race"].folder(hub.INDEX_DIR)
+    for name in ("fair_adaptor.json", "pytorch_lora_weights.safetensors", "README.md"):
+        assert (tmp_path / "copy" / name).read_bytes() == (shipped / name).read_bytes()
+    with pytest.raises(ValueError, match="already holds an adaptor"):
+        hub.pull_adaptor("toy-gender-race", tmp_path / "copy")
+    line = _one_line_error(capsys, ["pull", "gender-race"])
+    assert "not published yet" in line and hub.load_index()["gender-race"].convert in line
 
 
 # --------------------------------------------------------------------------- a local Hub server
@@ -252,6 +333,13 @@ def test_download_pins_revisions_and_verifies_hashes(published, adaptor_dirs):
     assert hub.download_adaptor(published.repo, revision=published.first).folder == first.folder
     with pytest.raises(hub.AdaptorDownloadError, match="HF_HUB_OFFLINE"):
         hub.download_adaptor("fair-test/never-downloaded")
+
+
+def test_pull_copies_a_hub_adaptor_into_a_folder(published, adaptor_dirs, tmp_path):
+    adaptor = hub.pull_adaptor(published.repo, tmp_path / "copy", revision=published.first)
+    assert adaptor.folder == tmp_path / "copy" and published.first in adaptor.source
+    for name in ("fair_adaptor.json", LORA_WEIGHT_NAME):
+        assert (tmp_path / "copy" / name).read_bytes() == (adaptor_dirs / "first" / name).read_bytes()
 
 
 def test_load_fair_adaptor_from_the_hub_equals_local_folder(published, adaptor_dirs):

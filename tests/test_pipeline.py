@@ -1,4 +1,6 @@
-"""Loading fair adaptors into pipelines: FairFinetunePipeline and load_fair_adaptor on stock pipelines.
+"""Loading fair adaptors into pipelines: FairFinetunePipeline and load_fair_adaptor on stock pipelines,
+the adaptor index, and FairFinetunePipeline's saved folders. (The methods on stock pipelines and
+stock calls interleaved with package calls: tests/test_stock_pipeline.py.)
 
 Reference outputs are computed independently: LoRA effects with forward hooks adding
 ``weight * B A x`` to each adapted layer (tests/test_adaptors.py LoraHooks), soft tokens with
@@ -6,11 +8,24 @@ diffusers' own textual-inversion loader and a hand-written prompt.
 """
 
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline, StableDiffusionPipeline
+
+from diffusers_fair.adaptors import hub
+from diffusers_fair.adaptors.format import save_fair_adaptor
+from diffusers_fair.adaptors.metadata import TOY_BASE_MODEL
+from diffusers_fair.adaptors.pipeline import (
+    FairFinetunePipeline,
+    add_fair_tokens,
+    fair_adaptors,
+    load_fair_adaptor,
+    unload_fair_adaptor,
+)
 from helpers.adaptors import (
     PROMPT,
     LoraHooks,
@@ -22,17 +37,6 @@ from helpers.adaptors import (
     save_random_adaptor,
     text_states,
     tiny_pipeline,
-)
-
-from diffusers_fair.adaptors import hub
-from diffusers_fair.adaptors.format import save_fair_adaptor
-from diffusers_fair.adaptors.metadata import TOY_BASE_MODEL
-from diffusers_fair.adaptors.pipeline import (
-    FairFinetunePipeline,
-    add_fair_tokens,
-    fair_adaptors,
-    load_fair_adaptor,
-    unload_fair_adaptor,
 )
 
 
@@ -285,18 +289,73 @@ def test_base_model_check_uses_hub_ids_and_aliases(adaptors, tmp_path):
 
 
 # --------------------------------------------------------------------------- the index
+SD15_NAMES = ("gender", "gender-race", "gender-race-age", "gender-race-multi-concept", "race", "gender-soft-tokens")
+RELEASE_FILE = {"lora": "text_encoder_lora_EMA.pth", "soft_tokens": "prefix_embedding_EMA.pth"}
+RELEASE_DOCS = "https://github.com/sail-sg/finetune-fair-diffusion/blob/main/exp-"
+
+
 def test_shipped_index_is_valid_and_unpublished_entries_refuse():
     index = hub.load_index()
-    for name in ("gender", "gender-race", "gender-race-age", "gender-soft-tokens"):
+    for name in SD15_NAMES:
         assert index[name].status == "unpublished"
         assert index[name].base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     toy = [e for e in index.values() if e.name.startswith("toy-")]
     assert toy and all(e.status == "local" and e.base_model == TOY_BASE_MODEL for e in toy)
     assert {"toy-gender-race", "toy-gender-soft-tokens"} <= set(index)
-    with pytest.raises(ValueError, match="not published yet"):
+    entry = index["gender-race"]
+    with pytest.raises(ValueError, match="not published yet") as error:
         hub.resolve_adaptor("gender-race")
+    message = str(error.value)
+    assert "\n" not in message  # one line on the command line
+    release = entry.release
+    for part in (entry.convert, release["documentation"], release["archive"], 'load_fair_adaptor("fair-adaptors/gender-race")'):
+        assert part in message
     with pytest.raises(ValueError, match="not an adaptor name"):
         hub.resolve_adaptor("no-such-adaptor")
+
+
+def test_sd15_entries_name_the_release_and_the_exact_convert_command():
+    from diffusers_fair.cli import build_parser
+
+    index = hub.load_index()
+    adaptors_doc = (Path(__file__).parent.parent / "docs" / "ADAPTORS.md").read_text(encoding="utf-8")
+    for name in SD15_NAMES:
+        entry = index[name]
+        assert entry.release["documentation"].startswith(RELEASE_DOCS)
+        assert entry.release["archive"].endswith("-checkpoints.zip")
+        # The command line parses it as a conversion of the entry's released file into the entry's adaptor.
+        words = shlex.split(entry.convert)
+        assert words[0] == "diffusers-fair"
+        args = build_parser().parse_args(words[1:])
+        assert args.command == "convert" and args.src == entry.release["file"]
+        assert Path(args.src).name == RELEASE_FILE[entry.kind]
+        assert args.name == name and args.target == list(entry.targets)
+        assert args.dst == entry.convert_destination == f"fair-adaptors/{name}"
+        assert entry.convert in adaptors_doc, name  # the docs show the same command
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"release": {"documentation": "https://x"}}, "'release' must give"),
+        ({"release": None, "convert": "diffusers-fair convert a.pth out"}, "must convert the released file"),
+        ({"convert": "python convert.py a.pth out"}, "must be a command"),
+        ({"convert": "diffusers-fair convert other.pth out"}, "must convert the released file"),
+    ],
+)
+def test_index_release_fields_are_checked(change, message, tmp_path):
+    entry = {
+        "status": "unpublished", "description": "test", "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "kind": "lora", "repo_id": "a/b",
+        "release": {"documentation": "https://x", "archive": "x.zip", "file": "run/text_encoder_lora_EMA.pth"},
+        "convert": "diffusers-fair convert run/text_encoder_lora_EMA.pth out --name x",
+    }
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"format_version": 1, "adaptors": {"x": entry}}))
+    assert hub.load_index(index)["x"].convert_destination == "out"
+    index.write_text(json.dumps({"format_version": 1, "adaptors": {"x": {**entry, **change}}}))
+    with pytest.raises(ValueError, match=message):
+        hub.load_index(index)
 
 
 def test_local_index_entries_load_by_name(adaptors, tmp_path, monkeypatch):
@@ -331,3 +390,34 @@ def test_local_index_entries_load_by_name(adaptors, tmp_path, monkeypatch):
     (index_dir / "index.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="commit sha"):
         hub.load_index()
+
+
+# --------------------------------------------------------------------------- saved folders
+def test_saved_fair_pipeline_loads_with_every_diffusers_loader(tmp_path, adaptors):
+    fair = tiny_pipeline(0, cls=FairFinetunePipeline)
+    fair.save_pretrained(tmp_path / "model")
+    model_index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert model_index["_class_name"] == "StableDiffusionPipeline"
+    expected = generate(fair)
+    loaders = [(DiffusionPipeline, StableDiffusionPipeline), (AutoPipelineForText2Image, StableDiffusionPipeline),
+               (StableDiffusionPipeline, StableDiffusionPipeline), (FairFinetunePipeline, FairFinetunePipeline)]
+    for loader, cls in loaders:
+        loaded = loader.from_pretrained(tmp_path / "model")
+        loaded.set_progress_bar_config(disable=True)
+        assert type(loaded) is cls, loader
+        assert np.array_equal(generate(loaded), expected), loader
+
+
+def test_saving_with_lora_loaded_is_refused_and_soft_tokens_are_saved(tmp_path, adaptors):
+    fair = tiny_pipeline(0, cls=FairFinetunePipeline)
+    fair.load_fair_adaptor(adaptors["a"][0])
+    with pytest.raises(ValueError, match="LoRA adapters loaded .*'lora-a'.*unload them first"):
+        fair.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    fair.unload_fair_adaptor()
+    fair.load_fair_adaptor(adaptors["soft"][0])
+    fair.save_pretrained(tmp_path / "with-tokens")
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "with-tokens")
+    stock.set_progress_bar_config(disable=True)
+    assert np.array_equal(generate(stock, "<fair> " + PROMPT), generate(fair))

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from .metadata import DEFAULT_SOFT_TOKEN, SD15, FairAdaptorMetadata, canonical_base_model, sha256_file
-from .format import save_fair_adaptor
 from ..method.targets import TargetDistribution
+from .format import save_fair_adaptor
+from .metadata import DEFAULT_SOFT_TOKEN, SD15, FairAdaptorMetadata, canonical_base_model, default_license, sha256_file
+
 
 KINDS_OF_FILE = ("text_encoder_lora", "unet_lora", "prefix_embedding")
 # (text hidden size, U-Net cross-attention size) of base models whose files may lack one of them.
@@ -162,6 +163,7 @@ def convert_official(
     soft_token: str = DEFAULT_SOFT_TOKEN,
     text_hidden_size: int | None = None,
     cross_attention_dim: int | None = None,
+    license: str | None = None,
     overwrite: bool = False,
 ):
     """Convert official release files (a folder or one file) into a fair adaptor folder ``dst``.
@@ -178,6 +180,8 @@ def convert_official(
         soft_token: token name for converted soft tokens.
         text_hidden_size, cross_attention_dim: the base model's sizes where the files cannot tell
             them (known for SD 1.5).
+        license: Hub license id of the weights (default: the base model's, ``creativeml-openrail-m``
+            for SD 1.5; the release's weights are SD 1.5 derivatives and fall under its license).
         overwrite: replace an adaptor already in ``dst``.
 
     Returns:
@@ -213,6 +217,7 @@ def convert_official(
         cross_attention_dim=int(cross_attention_dim),
         description=description or f"Converted from the {SOURCE}.",
         targets=parsed,
+        license=license or default_license(base_model),
         training={
             "source": SOURCE,
             "converted_from": {path.name: sha256_file(path) for path in files.values()},

@@ -40,7 +40,17 @@ from pathlib import Path
 import torch
 
 from .lora_state import check_lora_shapes, lora_state_and_config, lora_summary
-from .metadata import CARD_NAME, DEFAULT_SOFT_TOKEN, FORMAT_VERSION, FairAdaptorMetadata, LORA_WEIGHT_NAME, METADATA_NAME, SOFT_TOKENS_NAME, _TOKEN_PATTERN, sha256_file
+from .metadata import (
+    _TOKEN_PATTERN,
+    CARD_NAME,
+    DEFAULT_SOFT_TOKEN,
+    FORMAT_VERSION,
+    LORA_WEIGHT_NAME,
+    METADATA_NAME,
+    SOFT_TOKENS_NAME,
+    FairAdaptorMetadata,
+    sha256_file,
+)
 
 
 # --------------------------------------------------------------------------- saving

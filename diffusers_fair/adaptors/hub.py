@@ -4,29 +4,43 @@
 short names to adaptors: ``load_fair_adaptor(pipe, "gender-race")``. An entry is
 
 * ``"published"``: on the Hub at ``repo_id``, pinned to a commit ``revision``;
-* ``"unpublished"``: announced (its intended ``repo_id``), not released yet: loading it raises;
+* ``"unpublished"``: announced (its intended ``repo_id``), not on the Hub yet: loading it raises.
+  The Stable Diffusion 1.5 entries say where the paper's authors documented their released
+  weights (``release``) and the ``diffusers-fair convert`` command that turns the released file
+  into this adaptor (``convert``); the error prints both;
 * ``"local"``: a folder shipped with the package, ``path`` relative to the index folder (the
   toy-world adaptors, so that they load offline).
 
 *The Hub*: :func:`download_adaptor` fetches a repo at one revision with ``snapshot_download``
 (the normal Hugging Face cache, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` apply) and checks every
-weight file against the sha256 in ``fair_adaptor.json``. :func:`push_adaptor` creates the repo and
-uploads the folder (weights, metadata, model card) in one commit, whose sha it returns.
-
-*Model cards*: :func:`build_model_card` writes the ``README.md`` of an adaptor from its metadata,
-following MODEL_CARD.md.
+weight file against the sha256 in ``fair_adaptor.json``; :func:`pull_adaptor` also copies it into
+a folder. :func:`push_adaptor` creates the repo and uploads the adaptor (weights, metadata, model
+card with the repo id in its usage snippet) in one commit, whose sha it returns. Network failures
+raise ``ValueError`` naming the cause.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+import shlex
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .metadata import CARD_NAME, KINDS, LORA_WEIGHT_NAME, METADATA_NAME, SOFT_TOKENS_NAME, canonical_base_model, looks_like_repo_id
-from .format import FairAdaptor, read_fair_adaptor
 from .._utils.io import read_json
+from .format import FairAdaptor, read_fair_adaptor
+from .metadata import (
+    CARD_NAME,
+    KINDS,
+    LORA_WEIGHT_NAME,
+    METADATA_NAME,
+    SOFT_TOKENS_NAME,
+    canonical_base_model,
+    looks_like_repo_id,
+)
+from .model_card import card_for_repo
+
 
 INDEX_DIR = Path(__file__).parent / "shipped"
 INDEX_PATH = INDEX_DIR / "index.json"
@@ -35,10 +49,18 @@ STATUSES = ("published", "unpublished", "local")
 PUSH_RECORD_NAME = "hub_pushes.json"
 
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+RELEASE_FIELDS = ("documentation", "archive", "file")
+CONVERT_COMMAND = "diffusers-fair convert"
 
 
 class AdaptorDownloadError(ValueError):
     """A fair adaptor could not be fetched from the Hub (the message says why and what to do)."""
+
+
+def _cause(error: BaseException) -> str:
+    """``Type: first line of the message``: a failure's cause on one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 # --------------------------------------------------------------------------- the index
@@ -58,6 +80,9 @@ class IndexEntry:
         path: folder relative to the index folder (local entries).
         files: the files the adaptor consists of.
         metrics: measured metrics (``{"bias_gender": 0.21}``), empty until measured.
+        release: where the weights this adaptor is converted from were released:
+            ``{"documentation": url, "archive": zip file name, "file": path inside the archive}``.
+        convert: the ``diffusers-fair convert`` command that writes this adaptor from that file.
     """
 
     name: str
@@ -71,6 +96,13 @@ class IndexEntry:
     path: str | None = None
     files: tuple = ()
     metrics: dict = field(default_factory=dict)
+    release: dict | None = None
+    convert: str | None = None
+
+    @property
+    def convert_destination(self) -> str | None:
+        """The folder the ``convert`` command writes (its second argument)."""
+        return shlex.split(self.convert)[3] if self.convert else None
 
     def folder(self, index_dir: Path) -> Path:
         """The folder of a local entry (``index_dir``: the folder holding the index file)."""
@@ -83,7 +115,8 @@ def _entry_from_dict(name: str, data: dict, source: Path) -> IndexEntry:
     where = f"{source}: entry {name!r}"
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be an object")
-    known = {"status", "description", "base_model", "kind", "targets", "repo_id", "revision", "path", "files", "metrics"}
+    known = {"status", "description", "base_model", "kind", "targets", "repo_id", "revision", "path", "files",
+             "metrics", "release", "convert"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{where} has unknown fields {unknown}")
@@ -107,6 +140,19 @@ def _entry_from_dict(name: str, data: dict, source: Path) -> IndexEntry:
             raise ValueError(f"{where}: a local entry needs a relative 'path' inside the index folder")
     elif path is not None:
         raise ValueError(f"{where}: only local entries have a 'path'")
+    release, convert = data.get("release"), data.get("convert")
+    if release is not None and (not isinstance(release, dict) or sorted(release) != sorted(RELEASE_FIELDS)
+                                or not all(isinstance(release[k], str) and release[k] for k in RELEASE_FIELDS)):
+        raise ValueError(f"{where}: 'release' must give the strings {list(RELEASE_FIELDS)}")
+    if convert is not None:
+        try:
+            words = shlex.split(convert) if isinstance(convert, str) else []
+        except ValueError:
+            words = []
+        if words[:2] != CONVERT_COMMAND.split() or len(words) < 4:
+            raise ValueError(f"{where}: 'convert' must be a command '{CONVERT_COMMAND} SRC DST ...'")
+        if release is None or Path(words[2]).name != Path(release["file"]).name:
+            raise ValueError(f"{where}: 'convert' must convert the released file its 'release' names")
     from ..method.targets import TargetDistribution
 
     targets = tuple(data.get("targets", ()))
@@ -124,6 +170,8 @@ def _entry_from_dict(name: str, data: dict, source: Path) -> IndexEntry:
         path=path,
         files=tuple(data.get("files", ())),
         metrics=dict(data.get("metrics", {})),
+        release=dict(release) if release is not None else None,
+        convert=convert,
     )
 
 
@@ -173,10 +221,7 @@ def resolve_adaptor(
         if text in index:
             entry = index[text]
             if entry.status == "unpublished":
-                raise ValueError(
-                    f"the adaptor {text!r} ({entry.description}) is not published yet: its weights will appear "
-                    f"at {entry.repo_id}. Train your own with diffusers-fair, or load a local folder or Hub repo"
-                )
+                raise ValueError(_unpublished_message(entry))
             if entry.status == "local":
                 if revision is not None:
                     raise ValueError(f"{text!r} is shipped with the package; revision= applies to Hub adaptors only")
@@ -204,6 +249,20 @@ def resolve_adaptor(
     names = ", ".join(sorted(load_index(index_path)))
     raise ValueError(
         f"{text!r} is not an adaptor name ({names}), a local folder, or a Hub repo id 'owner/name'"
+    )
+
+
+def _unpublished_message(entry: IndexEntry) -> str:
+    """Why an unpublished name does not load, and how to get its weights today (one line)."""
+    text = (f"the adaptor {entry.name!r} ({entry.description}) is not published yet on the Hub "
+            f"(announced as {entry.repo_id})")
+    if entry.release is None:
+        return f"{text}. Train your own with diffusers-fair, or load a local folder or Hub repo"
+    release = entry.release
+    return (
+        f"{text}. The paper's authors released its weights in {release['archive']} (documented at "
+        f"{release['documentation']}): unzip it, run `{entry.convert}` where it was unzipped, then load the folder "
+        f'it writes: pipe.load_fair_adaptor("{entry.convert_destination}")'
     )
 
 
@@ -268,10 +327,10 @@ def download_adaptor(
             ) from None
         raise AdaptorDownloadError(
             f"could not reach {endpoint} to download {where}, and it is not in the local cache: check the network "
-            f"or HF_ENDPOINT ({cause or error})"
+            f"or HF_ENDPOINT ({_cause(cause or error)})"
         ) from None
     except HfHubHTTPError as error:
-        raise AdaptorDownloadError(f"downloading {where} from {endpoint} failed: {error}") from None
+        raise AdaptorDownloadError(f"downloading {where} from {endpoint} failed: {_cause(error)}") from None
 
     folder = Path(folder)
     source = f"{repo_id}@{folder.name}"  # snapshot folders are named by their commit sha
@@ -286,6 +345,37 @@ def download_adaptor(
         raise AdaptorDownloadError(str(error)) from None
 
 
+def pull_adaptor(
+    name_or_repo: str,
+    folder: str | Path | None = None,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+) -> FairAdaptor:
+    """Fetch an adaptor (an index name or a Hub repo id) and, with ``folder``, copy its files there.
+
+    Without ``folder`` the adaptor stays where :func:`resolve_adaptor` found it (the Hugging Face
+    cache, or the package for the toy adaptors). The copy holds ``fair_adaptor.json``, the weight
+    files and the model card, and is verified again. Returns the adaptor read from where it lies.
+
+    Raises:
+        ValueError: the name is unknown or unpublished, the download failed (:class:`AdaptorDownloadError`,
+            naming the cause), or ``folder`` already holds an adaptor and ``overwrite`` is not set.
+    """
+    adaptor = resolve_adaptor(name_or_repo, revision=revision, token=token)
+    if folder is None:
+        return adaptor
+    folder = Path(folder)
+    if (folder / METADATA_NAME).exists() and not overwrite:
+        raise ValueError(f"{folder} already holds an adaptor; pass overwrite=True (--overwrite) to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [*adaptor.metadata.files, CARD_NAME, METADATA_NAME]:  # the metadata last: a complete copy
+        if (adaptor.folder / name).is_file():
+            shutil.copyfile(adaptor.folder / name, folder / name)
+    return read_fair_adaptor(folder, source=f"{adaptor.source} (copied to {folder})")
+
+
 # --------------------------------------------------------------------------- uploads
 def push_adaptor(
     folder: str | Path,
@@ -295,19 +385,29 @@ def push_adaptor(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str | None = None,
+    license: str | None = None,
     api=None,
 ) -> str:
     """Upload an adaptor folder to the Hub in one commit; returns the commit sha.
 
     The folder is verified first (``fair_adaptor.json``, sha256 of the weights, ``README.md``).
     The repo is created if needed (``private`` applies only then); ``revision`` names a branch,
-    created from ``main`` when missing. Only the adaptor's own files are uploaded. The push is
-    recorded in ``hub_pushes.json`` beside them (repo, branch, commit), which is not uploaded.
-    Load the exact upload again with ``load_fair_adaptor(pipe, repo_id, revision=<sha>)``.
+    created from ``main`` when missing. Only the adaptor's own files are uploaded. The model card
+    goes up with the repo id in its usage snippet, and ``license`` (a Hub license id), when given,
+    in the card's header and in the uploaded ``fair_adaptor.json``; the folder itself is left as
+    it is. The push is recorded in ``hub_pushes.json`` beside the files (repo, branch, commit),
+    which is not uploaded. Load the exact upload again with
+    ``load_fair_adaptor(pipe, repo_id, revision=<sha>)``.
 
     ``api`` is an ``HfApi`` (default: a new one with ``token``).
+
+    Raises:
+        ValueError: the folder is not a complete adaptor, the repo id or branch is malformed, or
+            the Hub cannot be reached or refuses (the message names the cause: offline mode, no
+            network, not logged in, ...).
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HTTPError
 
     adaptor = read_fair_adaptor(folder)
     folder = Path(folder)
@@ -317,24 +417,51 @@ def push_adaptor(
         raise ValueError(f"{repo_id!r} is not a Hub repo id 'owner/name'")
     if revision is not None and (not revision or _COMMIT_SHA.match(revision)):
         raise ValueError(f"revision must name a branch to push to, got {revision!r}")
+    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise ValueError(f"license must be a Hub license id such as 'creativeml-openrail-m', got {license!r}")
     api = api if api is not None else HfApi(token=token)
 
-    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
-    if revision is not None and revision != "main":
-        api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
-    files = [METADATA_NAME, CARD_NAME, *sorted(adaptor.metadata.files)]
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        revision=revision,
-        token=token,
-        commit_message=commit_message or f"Upload fair adaptor {adaptor.metadata.name}",
-        allow_patterns=files,
-    )
+    metadata = replace(adaptor.metadata, license=license) if license else adaptor.metadata
+    card = card_for_repo((folder / CARD_NAME).read_text(encoding="utf-8"), repo_id, license=license)
+    operations = [
+        CommitOperationAdd(path_in_repo=METADATA_NAME, path_or_fileobj=metadata.to_json().encode("utf-8")),
+        CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")),
+        *(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+          for name in sorted(metadata.files)),
+    ]
+    files = [operation.path_in_repo for operation in operations]
+    try:
+        api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, token=token, repo_type="model", exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload fair adaptor {adaptor.metadata.name}",
+            token=token,
+            repo_type="model",
+            revision=revision,
+        )
+    except (OSError, HTTPError) as error:  # huggingface_hub's errors, offline mode and network failures
+        raise ValueError(
+            f"pushing {folder} to {repo_id} on {api.endpoint} failed: {_cause(error)}{_push_hint(error)}"
+        ) from None
     commit = info.oid
     record_path = folder / PUSH_RECORD_NAME
     records = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else []
     records.append({"repo_id": repo_id, "revision": revision or "main", "commit": commit, "endpoint": api.endpoint, "files": files})
     record_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
     return commit
+
+
+def _push_hint(error: BaseException) -> str:
+    """What to do about a failed push, when the error says."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(error, OfflineModeIsEnabled):  # its message says what to do
+        return ""
+    if not isinstance(error, HfHubHTTPError):  # no answer from the Hub at all
+        return " (check the network or HF_ENDPOINT)"
+    if getattr(error.response, "status_code", None) in (401, 403):
+        return " (log in with `hf auth login` or pass a token with write access)"
+    return ""

@@ -16,6 +16,7 @@ import torch
 from .._utils.io import read_json
 from ..method.targets import TargetDistribution
 
+
 FORMAT_VERSION = 1
 METADATA_NAME = "fair_adaptor.json"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -31,6 +32,9 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_BASE_MODEL = "diffusers-fair/toy"
 BASE_MODEL_MARKER = "fair_base_model.json"  # in a local pipeline folder: {"base_model": "<id>"}
 BASE_MODEL_ALIASES = {"runwayml/stable-diffusion-v1-5": SD15}
+# The Hub license of each known base model; an adaptor's weights fall under it unless it names its own.
+# The diffusers-fair package declares no license of its own, so the toy model's is "unknown".
+BASE_MODEL_LICENSES = {SD15: "creativeml-openrail-m", TOY_BASE_MODEL: "unknown"}
 
 _TOKEN_PATTERN = re.compile(r"^\S+$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -54,6 +58,11 @@ def looks_like_repo_id(text: str) -> bool:
 def canonical_base_model(name: str) -> str:
     """The current Hub id of a base model (``runwayml/stable-diffusion-v1-5`` moved)."""
     return BASE_MODEL_ALIASES.get(name, name)
+
+
+def default_license(base_model: str) -> str:
+    """The Hub license id of a known base model (``creativeml-openrail-m`` for SD 1.5), else ``""``."""
+    return BASE_MODEL_LICENSES.get(canonical_base_model(base_model), "")
 
 
 def base_model_id(pipe) -> str | None:
@@ -135,8 +144,8 @@ class FairAdaptorMetadata:
         metrics_before: bias and quality metrics of the base model, e.g. ``{"bias_gender": 0.67}``.
         metrics_after: the same metrics with the adaptor.
         eval_prompts: what the metrics were measured on, e.g. ``"50 held-out occupations, 60 images each"``.
-        license: license of the weights, a Hub license id (adaptors of SD 1.5 fall under its
-            ``creativeml-openrail-m``); empty for none stated.
+        license: license of the weights, a Hub license id; empty: the base model's
+            (:func:`default_license`; ``creativeml-openrail-m`` for SD 1.5).
         format_version: version of this file format *(written on save)*.
         kind: ``"lora"``, ``"soft_tokens"`` or ``"lora+soft_tokens"`` *(written on save)*.
         soft_token: the token to start a prompt with, e.g. ``"<fair>"`` *(written on save)*.

@@ -1,10 +1,22 @@
-"""Model cards: the ``README.md`` of a fair adaptor, written from its metadata (following MODEL_CARD.md)."""
+"""Model cards: the ``README.md`` of a fair adaptor, written from its metadata (following MODEL_CARD.md).
+
+A card saved with an adaptor cannot know where the adaptor will be published, so its usage snippet
+names :data:`PLACEHOLDER`; :func:`card_for_repo` puts the repo id in its place when the adaptor is
+pushed (``hub.push_adaptor``), keeping any hand edits of the card.
+"""
 
 from __future__ import annotations
 
 import json
 
-from .metadata import METADATA_NAME, TOY_BASE_MODEL, FairAdaptorMetadata
+from .metadata import METADATA_NAME, TOY_BASE_MODEL, FairAdaptorMetadata, default_license, looks_like_repo_id
+
+
+PLACEHOLDER = "<this repo id or folder>"
+TOY_MODEL_TEXT = (
+    "the toy model shipped inside the diffusers-fair package (`diffusers_fair.toy.model_path()`), a tiny "
+    "Stable Diffusion architecture that draws the package's toy world; it is not on the Hub"
+)
 
 
 ATTRIBUTE_NOTES = {
@@ -52,29 +64,31 @@ CITATION = """```bibtex
 ```"""
 
 
-def _card_body(meta: FairAdaptorMetadata) -> str:
-    """The markdown of the card, section by section as MODEL_CARD.md describes."""
-    where = "<this repo id or folder>"
+def _usage(meta: FairAdaptorMetadata, where: str) -> list[str]:
+    """The "How to use" section: a stock pipeline with ``import diffusers_fair``, or diffusers alone."""
     if meta.base_model == TOY_BASE_MODEL:  # shipped inside the package, not on the Hub
         imports, base = ["from diffusers_fair.toy import model_path"], "model_path()"
     else:
         imports, base = [], f'"{meta.base_model}"'
-    usage = [
-        "```python",
-        "from diffusers_fair import FairFinetunePipeline",
-        *imports,
-        "",
-        f"pipe = FairFinetunePipeline.from_pretrained({base})",
-        f'pipe.load_fair_adaptor("{where}")',
-        'image = pipe("a photo of the face of a doctor").images[0]',
-        "```",
-    ]
+    if meta.soft_token:  # FairFinetunePipeline starts every prompt with the soft tokens
+        lines = ["```python", "from diffusers_fair import FairFinetunePipeline", *imports, "",
+                 f"pipe = FairFinetunePipeline.from_pretrained({base})"]
+    else:
+        lines = ["```python", "from diffusers import StableDiffusionPipeline", "",
+                 "import diffusers_fair  # adds load_fair_adaptor to diffusers' Stable Diffusion pipelines",
+                 *imports, "", f"pipe = StableDiffusionPipeline.from_pretrained({base})"]
+    lines += [f'pipe.load_fair_adaptor("{where}")', 'image = pipe("a photo of the face of a doctor").images[0]', "```"]
+    alone = where if looks_like_repo_id(where) else PLACEHOLDER  # diffusers knows no index names
     if meta.kind == "lora":
-        usage += ["", f'With diffusers alone: `pipe.load_lora_weights("{where}")`.']
+        lines += ["", f'With diffusers alone: `pipe.load_lora_weights("{alone}")`.']
     if meta.soft_token:
-        usage += ["", (f'With diffusers alone: `pipe.load_textual_inversion("{where}")`, and start every prompt '
+        lines += ["", (f'With diffusers alone: `pipe.load_textual_inversion("{alone}")`, and start every prompt '
                        f"(not the negative prompt) with `{meta.soft_token}`.")]
+    return lines
 
+
+def _card_body(meta: FairAdaptorMetadata, where: str) -> str:
+    """The markdown of the card, section by section as MODEL_CARD.md describes."""
     attributes = sorted({attr for t in meta.targets for attr in t["classes"]})
     default_note = "as defined by the attribute classifier used in training."
     training = [f"- {key}: `{json.dumps(value)}`" for key, value in sorted(meta.training.items())]
@@ -95,11 +109,19 @@ def _card_body(meta: FairAdaptorMetadata) -> str:
     else:
         evaluation = ["Not measured yet."]
 
+    if meta.base_model == TOY_BASE_MODEL:
+        title = f"# {meta.name}: a fair adaptor for the diffusers-fair toy model"
+        base_line = f"Base model: {TOY_MODEL_TEXT}."
+    else:
+        title, base_line = f"# {meta.name}: a fair adaptor for {meta.base_model}", f"Base model: `{meta.base_model}`."
+    license_id = meta.license or default_license(meta.base_model)
+    if license_id and license_id != "unknown":
+        base_line += f" License of the weights: `{license_id}`."
     sections = [
-        (f"# {meta.name}: a fair adaptor for {meta.base_model}",
+        (title,
          [meta.description or "An adaptor that steers the protected attributes of generated people toward a target distribution.",
-          "", METHOD]),
-        ("## How to use", usage),
+          "", base_line, "", METHOD]),
+        ("## How to use", _usage(meta, where)),
         ("## Targets", [f"- `{t['text']}`" for t in meta.targets] or ["- (not recorded)"]),
         ("## Intended use", [INTENDED_USE]),
         ("## Out-of-scope use", [OUT_OF_SCOPE]),
@@ -114,11 +136,16 @@ def _card_body(meta: FairAdaptorMetadata) -> str:
     return "\n\n".join(title + "\n\n" + "\n".join(body) for title, body in sections) + "\n"
 
 
-def build_model_card(meta: FairAdaptorMetadata):
+def build_model_card(meta: FairAdaptorMetadata, *, name_or_path: str | None = None):
     """The ``README.md`` model card of an adaptor (a huggingface_hub ``ModelCard``).
 
-    The YAML header holds ``base_model``, ``library_name: diffusers``, tags and one
-    ``eval_results`` entry per metric measured with the adaptor.
+    ``name_or_path`` is what the usage snippet passes to ``load_fair_adaptor`` (a Hub repo id or an
+    index name); by default :data:`PLACEHOLDER`, which :func:`card_for_repo` replaces on push.
+
+    The YAML header holds ``base_model`` (left out for the toy model, which is not on the Hub; the
+    text names it), ``license`` (the metadata's, else the base model's), ``library_name: diffusers``,
+    tags, and, when metrics were measured with the adaptor, one ``eval_results`` entry per metric
+    under ``model-index`` with the adaptor's name.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -135,12 +162,27 @@ def build_model_card(meta: FairAdaptorMetadata):
     ]
     attributes = sorted({attr for t in meta.targets for attr in t["classes"]})
     data = ModelCardData(
-        base_model=meta.base_model,
+        base_model=None if meta.base_model == TOY_BASE_MODEL else meta.base_model,
         library_name="diffusers",
-        license=meta.license or None,
+        license=meta.license or default_license(meta.base_model) or None,
         pipeline_tag="text-to-image",
         tags=["diffusers", "diffusers-fair", "fairness", "text-to-image", "stable-diffusion", meta.kind.replace("+", "-"), *attributes],
-        model_name=meta.name,
+        # Without eval_results, model_name would become a stray top-level key of the header.
+        model_name=meta.name if eval_results else None,
         eval_results=eval_results or None,
     )
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(meta)}")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_body(meta, name_or_path or PLACEHOLDER)}")
+
+
+def card_for_repo(text: str, repo_id: str, *, license: str | None = None) -> str:
+    """A saved card's text made ready for the Hub repo ``repo_id``.
+
+    The usage snippet's :data:`PLACEHOLDER` becomes ``repo_id``, and ``license`` (a Hub license id),
+    when given, replaces the header's license. The rest of the card, hand edits included, is kept.
+    """
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text.replace(PLACEHOLDER, repo_id), ignore_metadata_errors=True)
+    if license:
+        card.data.license = license
+    return str(card)

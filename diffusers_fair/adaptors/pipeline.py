@@ -1,32 +1,46 @@
 """Loading fair adaptors into Stable Diffusion pipelines.
 
-:func:`load_fair_adaptor` works on any ``StableDiffusionPipeline``::
+``import diffusers_fair`` gives diffusers' Stable Diffusion pipelines (SD 1.x / 2.x:
+``StableDiffusionPipeline`` and its img2img and inpainting variants) the methods
+``load_fair_adaptor`` and ``unload_fair_adaptor`` and the read-only property ``fair_adaptors``
+(:func:`register_pipeline_methods`), the way diffusers' loader mixins give them ``load_lora_weights``::
 
     from diffusers import StableDiffusionPipeline
-    from diffusers_fair import load_fair_adaptor
+
+    import diffusers_fair
 
     pipe = StableDiffusionPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    load_fair_adaptor(pipe, "gender-race")          # an index name, a Hub repo id or a local folder
+    pipe.load_fair_adaptor("gender-race")           # an index name, a Hub repo id or a local folder
 
-It finds the adaptor (``hub.resolve_adaptor``), checks it against the pipeline *before touching
-it* (base model, text hidden size, cross-attention size, every LoRA layer's shape, free token
-names, free adapter name), then loads it with diffusers' own loaders: LoRA weights through
-``pipe.load_lora_weights`` (so ``set_adapters``, ``fuse_lora`` and ``unload_lora_weights`` keep
-working) and soft tokens through ``pipe.load_textual_inversion``. If anything fails, the
-pipeline is left as it was.
+The functions :func:`load_fair_adaptor` and :func:`unload_fair_adaptor` do the same with the
+pipeline as first argument. They find the adaptor (``hub.resolve_adaptor``), check it against the
+pipeline *before touching it* (base model, text hidden size, cross-attention size, every LoRA
+layer's shape, free token names, free adapter name), then load it with diffusers' own loaders:
+LoRA weights through ``pipe.load_lora_weights`` and soft tokens through
+``pipe.load_textual_inversion``. If anything fails, the pipeline is left as it was.
 
-Several fair adaptors combine: each is a named peft adapter with a weight, and every call
-re-activates all of them (``pipe.set_adapters(names, weights)``). ``fuse=True`` merges the active
-LoRA weights into the base weights (no per-step overhead); fusing applies to the whole set of
-loaded fair adaptors, and loading or unloading one later unfuses, changes the set and fuses again.
+*The state of record is peft's and the tokenizer's.* Which LoRA adapters exist, which are active,
+their weights (each layer's scaling) and which are fused are read from the peft layers at every
+call; which soft tokens exist, from the tokenizer. The pipeline keeps only what peft cannot know:
+which adapter or tokens came from which fair adaptor, and its metadata. Stock calls in between
+(``set_adapters``, ``fuse_lora``, ``unfuse_lora``, ``delete_adapters``, ``unload_lora_weights``,
+``unload_textual_inversion``, ``load_lora_weights``) are respected: a package call keeps every
+other adapter's activity, weights and fusing as they are, and forgets a fair adaptor whose LoRA
+and tokens the user removed.
 
-:class:`FairFinetunePipeline` is a ``StableDiffusionPipeline`` with these as methods; with soft
-tokens loaded it starts every prompt (not the negative prompt) with them. With no adaptor loaded
-it generates exactly what ``StableDiffusionPipeline`` generates.
+Several fair adaptors combine: each is a named peft adapter with a weight. ``fuse=True`` merges
+the active LoRA adapters into the base weights (diffusers' ``fuse_lora``, no per-step overhead);
+an adaptor loaded into a fused pipeline is fused too, and unloading one unfuses, removes it and
+fuses the rest again.
+
+:class:`FairFinetunePipeline` is a ``StableDiffusionPipeline`` that also starts every prompt (not
+the negative prompt) with the loaded soft tokens. With no adaptor loaded it generates exactly what
+``StableDiffusionPipeline`` generates.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -35,43 +49,215 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .metadata import LORA_WEIGHT_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, base_model_id, canonical_base_model
 from .format import FairAdaptor
 from .hub import resolve_adaptor
+from .metadata import LORA_WEIGHT_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, base_model_id, canonical_base_model
+
 
 logger = logging.getLogger(__name__)
 
 LORA_COMPONENTS = ["unet", "text_encoder"]
+# diffusers' Stable Diffusion 1.x / 2.x pipelines: one CLIP text encoder, one U-Net, LoRA and
+# textual-inversion loaders.
+STABLE_DIFFUSION_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+)
+METHOD_NAMES = ("load_fair_adaptor", "unload_fair_adaptor", "fair_adaptors")
 _REGISTRY = "_fair_adaptors"
-_FUSED = "_fair_adaptors_fused"
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Provenance:
+    """What peft cannot know about a loaded fair adaptor: where it came from and what it holds."""
+
+    source: str
+    metadata: FairAdaptorMetadata
+    has_lora: bool
+    token_names: tuple
+
+
+@dataclass(frozen=True)
 class LoadedFairAdaptor:
-    """A fair adaptor loaded into a pipeline.
+    """A fair adaptor loaded into a pipeline, as the pipeline holds it now.
+
+    ``source`` and ``metadata`` are recorded at loading; the rest is read from peft's layers and
+    the tokenizer, so it follows stock calls such as ``pipe.set_adapters`` or ``pipe.fuse_lora``.
 
     Attributes:
         adapter_name: its peft adapter name in the pipeline (``pipe.get_list_adapters()``).
         source: where it came from (folder, index name or ``repo@commit``).
         metadata: its ``fair_adaptor.json``.
-        weight: the LoRA weight it is active with.
-        has_lora: whether it loaded LoRA weights.
-        soft_token: the token that starts prompts, when it has soft tokens.
-        token_names: the vocabulary entries its soft tokens added.
+        weight: its LoRA weight (1.0 = as trained); ``None`` where its layers have different
+            weights (``set_adapters`` with per-component weights). 1.0 for soft tokens alone.
+        has_lora: whether its LoRA adapter is in the pipeline.
+        active: whether its LoRA adapter is active (``pipe.get_active_adapters()``), or, for soft
+            tokens alone, whether they are in the tokenizer.
+        fused: whether its LoRA weights are merged into the base weights.
+        soft_token: the token that starts prompts, while its soft tokens are in the tokenizer.
+        token_names: its vocabulary entries that are in the tokenizer.
     """
 
     adapter_name: str
     source: str
     metadata: FairAdaptorMetadata
-    weight: float
+    weight: float | None
     has_lora: bool
+    active: bool
+    fused: bool
     soft_token: str | None
     token_names: list
 
 
+# --------------------------------------------------------------------------- peft's state
+def _lora_layers(pipe):
+    """``(component, module name, layer)`` for every peft LoRA layer of the pipeline."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for component in LORA_COMPONENTS:
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and hasattr(module, "scaling"):
+                yield component, name, module
+
+
+def _all_adapter_names(pipe) -> set[str]:
+    if not hasattr(pipe, "get_list_adapters"):
+        return set()
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def _unit_scaling(layer, adapter: str) -> float:
+    """The scaling of ``adapter`` in ``layer`` at weight 1 (peft's alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    rank = layer.r[adapter]
+    return layer.lora_alpha[adapter] / (math.sqrt(rank) if layer.use_rslora.get(adapter, False) else rank)
+
+
+def _lora_adapters(pipe) -> dict[str, dict]:
+    """Per LoRA adapter, read from peft's layers: ``{"weight": float | None, "active": bool, "fused": bool}``."""
+    weights, active, fused = {}, set(), set()
+    for _, _, layer in _lora_layers(pipe):
+        for adapter, scaling in layer.scaling.items():
+            weights.setdefault(adapter, []).append(scaling / _unit_scaling(layer, adapter))
+        active.update(name for name in layer.active_adapters if name in layer.scaling)
+        fused.update(layer.merged_adapters)
+    state = {}
+    for adapter, values in weights.items():
+        same = all(math.isclose(v, values[0], rel_tol=1e-6, abs_tol=1e-12) for v in values)
+        state[adapter] = {
+            "weight": float(f"{values[0]:.12g}") if same else None,
+            "active": adapter in active,
+            "fused": adapter in fused,
+        }
+    return state
+
+
+@dataclass
+class _LoraState:
+    """peft's LoRA state of a pipeline at one moment, to put back after loading or unloading an adapter.
+
+    ``layers``: per layer, its active adapters (loading an adapter makes it the only active one,
+    deleting one may activate another). ``merged``: per component, the adapters merged into its
+    base weights (``fuse_lora``). The weights (each layer's scaling) need no copy: loading and
+    deleting adapters leave the other adapters' scalings alone.
+    """
+
+    layers: dict
+    merged: dict
+
+    @classmethod
+    def capture(cls, pipe) -> _LoraState:
+        layers, merged = {}, {}
+        for component, name, layer in _lora_layers(pipe):
+            layers[(component, name)] = list(layer.active_adapters)
+            merged.setdefault(component, set()).update(layer.merged_adapters)
+        return cls(layers, {component: sorted(names) for component, names in merged.items() if names})
+
+    def restore(self, pipe, *, added: str | None = None, weight: float = 1.0, removed=()) -> None:
+        """Put back each layer's active adapters, with ``added`` active at ``weight`` and ``removed``
+        left out. A layer created since (for ``added``) gets its component's active adapters."""
+        component_active = {}
+        for (component, _), active in self.layers.items():
+            component_active.setdefault(component, active)
+        for component, name, layer in _lora_layers(pipe):
+            active = self.layers.get((component, name), component_active.get(component, []))
+            active = [adapter for adapter in active if adapter not in removed and adapter != added]
+            if added is not None and added in layer.scaling:
+                layer.set_scale(added, weight)
+                active.append(added)
+            layer.set_adapter(active)
+
+    def fuse(self, pipe, *, added: str | None = None, removed=()) -> None:
+        """Merge again what was merged, less ``removed``. ``added`` joins the merge in the components
+        that were fused and in those where it is the only LoRA adapter."""
+        had_layers = {component for component, _ in self.layers}
+        for component in LORA_COMPONENTS:
+            names = [name for name in self.merged.get(component, []) if name not in removed]
+            if added is not None and self.merged and (names or component not in had_layers):
+                names.append(added)
+            if names:
+                pipe.fuse_lora(components=[component], lora_scale=1.0, adapter_names=names)
+
+
+def _drop_empty_lora_layers(pipe) -> None:
+    """With no LoRA adapter left, put the original layers back in place of peft's wrappers."""
+    if any(True for _ in _lora_layers(pipe)) and not _all_adapter_names(pipe):
+        pipe.unload_lora_weights()
+
+
+# --------------------------------------------------------------------------- the record of fair adaptors
+def _provenance(pipe) -> dict[str, _Provenance]:
+    """The pipeline's record of fair adaptors, reconciled with peft and the tokenizer.
+
+    An adaptor whose LoRA adapter and soft tokens were all removed by stock calls
+    (``unload_lora_weights``, ``delete_adapters``, ``unload_textual_inversion``) is forgotten.
+    """
+    recorded = getattr(pipe, _REGISTRY, {})
+    if not recorded:
+        return {}
+    adapters = _all_adapter_names(pipe)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    kept = {
+        name: record for name, record in recorded.items()
+        if (record.has_lora and name in adapters) or any(token in vocab for token in record.token_names)
+    }
+    if len(kept) != len(recorded):
+        setattr(pipe, _REGISTRY, kept)
+    return dict(kept)
+
+
 def fair_adaptors(pipe) -> dict[str, LoadedFairAdaptor]:
-    """The fair adaptors loaded into ``pipe``, by adapter name, in load order (a copy)."""
-    return dict(getattr(pipe, _REGISTRY, {}))
+    """The fair adaptors loaded into ``pipe``, by adapter name, in load order, as the pipeline holds them now.
+
+    Weights, activity and fusing are read from peft's layers, soft tokens from the tokenizer
+    (:class:`LoadedFairAdaptor`). A new dict each call; changing it changes nothing.
+    """
+    records = _provenance(pipe)
+    if not records:
+        return {}
+    lora = _lora_adapters(pipe)
+    vocab = pipe.tokenizer.get_vocab()
+    listing = {}
+    for name, record in records.items():
+        tokens = [token for token in record.token_names if token in vocab]
+        complete = bool(tokens) and len(tokens) == len(record.token_names)
+        state = lora.get(name) if record.has_lora else None
+        listing[name] = LoadedFairAdaptor(
+            adapter_name=name,
+            source=record.source,
+            metadata=record.metadata,
+            weight=state["weight"] if state else 1.0,
+            has_lora=state is not None,
+            active=state["active"] if state else complete,
+            fused=bool(state and state["fused"]),
+            soft_token=record.metadata.soft_token if complete else None,
+            token_names=tokens,
+        )
+    return listing
 
 
 def add_fair_tokens(pipe, prompt: str | list[str]) -> str | list[str]:
@@ -94,12 +280,6 @@ def add_fair_tokens(pipe, prompt: str | list[str]) -> str | list[str]:
 # --------------------------------------------------------------------------- checks
 def _default_adapter_name(adaptor: FairAdaptor) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", adaptor.metadata.name)
-
-
-def _all_adapter_names(pipe) -> set[str]:
-    if not hasattr(pipe, "get_list_adapters"):
-        return set()
-    return {name for names in pipe.get_list_adapters().values() for name in names}
 
 
 def _lora_target_module(pipe, key: str, source: str):
@@ -149,7 +329,7 @@ def check_compatible(
         )
     if not re.match(r"^[A-Za-z0-9_-]+$", adapter_name or ""):
         raise ValueError(f"adapter_name must be letters, digits, '_' or '-', got {adapter_name!r}")
-    if adapter_name in _all_adapter_names(pipe) or adapter_name in fair_adaptors(pipe):
+    if adapter_name in _all_adapter_names(pipe) or adapter_name in _provenance(pipe):
         raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pass another adapter_name=")
 
     if adaptor.has_lora:
@@ -177,31 +357,7 @@ def check_compatible(
 
 
 # --------------------------------------------------------------------------- loading
-def _activate(pipe, registry: dict[str, LoadedFairAdaptor], others: list[str]) -> None:
-    """Make every fair LoRA adaptor active with its weight, plus ``others`` (non-fair adapters) at 1.0."""
-    names = [name for name, a in registry.items() if a.has_lora]
-    if not names and not others:
-        return
-    if others:
-        logger.warning("re-activating the other LoRA adapters %s with weight 1.0; set their weights again with pipe.set_adapters", others)
-    pipe.set_adapters(names + others, [registry[n].weight for n in names] + [1.0] * len(others))
-
-
-def _fuse(pipe, registry: dict[str, LoadedFairAdaptor]) -> bool:
-    names = [name for name, a in registry.items() if a.has_lora]
-    if names:
-        pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
-    return bool(names)
-
-
-def _drop_empty_lora_layers(pipe) -> None:
-    """With no LoRA adapter left, put the original layers back in place of peft's wrappers."""
-    has_wrappers = any(hasattr(m, "base_layer") for c in LORA_COMPONENTS for m in getattr(pipe, c).modules())
-    if has_wrappers and not _all_adapter_names(pipe):
-        pipe.unload_lora_weights()
-
-
-def _unload_tokens(pipe, token_names: list[str]) -> None:
+def _unload_tokens(pipe, token_names) -> None:
     pipe.unload_textual_inversion(tokens=list(token_names))
     # diffusers shrinks the embedding matrix but leaves the config's vocab_size behind.
     pipe.text_encoder.config.vocab_size = pipe.text_encoder.get_input_embeddings().weight.shape[0]
@@ -241,113 +397,124 @@ def load_fair_adaptor(
 ) -> LoadedFairAdaptor:
     """Load a fair adaptor into a Stable Diffusion pipeline.
 
+    The other LoRA adapters keep their activity, weights and fusing exactly as they are (read from
+    peft, whatever set them); the new adapter is made active beside them at ``weight``.
+
     Args:
-        pipe: a ``StableDiffusionPipeline`` (or subclass, e.g. ``FairFinetunePipeline``).
+        pipe: a ``StableDiffusionPipeline`` (or its img2img / inpainting variant, or ``FairFinetunePipeline``).
         name_or_path: an index name (``"gender-race"``, ``"toy-gender-race"``), a local adaptor
             folder, or a Hub repo id ``owner/name``.
         revision: Hub branch, tag or commit sha (default: the index's pinned commit, or ``main``).
         weight: LoRA weight (1.0 = as trained; soft tokens cannot be weighted).
         adapter_name: peft adapter name (default: the adaptor's name).
-        fuse: merge the active fair LoRA weights into the base weights (faster sampling).
+        fuse: merge the active LoRA adapters into the base weights (faster sampling). In a pipeline
+            that is fused already, the new adapter is fused whatever ``fuse`` says.
         token: Hub token for private repos.
         check_base_model: refuse an adaptor trained on another base model (where the pipeline's
             base model can be told; see :func:`~diffusers_fair.adaptors.metadata.base_model_id`).
 
     Returns:
-        The :class:`LoadedFairAdaptor` record (also in ``fair_adaptors(pipe)``).
+        Its :class:`LoadedFairAdaptor` (also in ``fair_adaptors(pipe)``).
+
+    Raises:
+        ValueError: the adaptor cannot be found, read or verified, or does not fit the pipeline;
+            nothing was changed.
     """
     adaptor = resolve_adaptor(name_or_path, revision=revision, token=token)
     adapter_name = adapter_name if adapter_name is not None else _default_adapter_name(adaptor)
     check_compatible(pipe, adaptor, adapter_name=adapter_name, weight=weight, check_base_model=check_base_model)
 
-    registry = fair_adaptors(pipe)
-    fused = getattr(pipe, _FUSED, False)
-    others = [n for n in (pipe.get_active_adapters() if _all_adapter_names(pipe) else []) if n not in registry]
-    record = LoadedFairAdaptor(
-        adapter_name=adapter_name,
-        source=adaptor.source,
-        metadata=adaptor.metadata,
-        weight=float(weight),
-        has_lora=adaptor.has_lora,
-        soft_token=adaptor.metadata.soft_token,
-        token_names=list(adaptor.metadata.token_names),
-    )
-    refuse = fused and adaptor.has_lora  # the new LoRA joins the fused set: unfuse, load, fuse again
+    records = _provenance(pipe)
+    before = _LoraState.capture(pipe)
+    unfused = adaptor.has_lora and bool(before.merged)  # the new adapter joins the fused set: unfuse, load, fuse again
     lora_loaded = tokens_loaded = False
     try:
-        if refuse:
+        if unfused:
             pipe.unfuse_lora(components=LORA_COMPONENTS)
         if adaptor.has_lora:
             _load_lora_quietly(pipe, str(adaptor.folder), adapter_name)
             lora_loaded = True
+            before.restore(pipe, added=adapter_name, weight=float(weight))
         if adaptor.has_soft_tokens:
             pipe.load_textual_inversion(str(adaptor.folder), weight_name=SOFT_TOKENS_NAME, use_safetensors=True)
             tokens_loaded = True
-        new_registry = {**registry, adapter_name: record}
-        if adaptor.has_lora:
-            _activate(pipe, new_registry, others)
-        now_fused = _fuse(pipe, new_registry) if refuse or (fuse and not fused) else fused
+        if unfused:
+            before.fuse(pipe, added=adapter_name)
+        elif fuse and not before.merged and _all_adapter_names(pipe):
+            pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0)
     except BaseException:
         if tokens_loaded:
-            _unload_tokens(pipe, record.token_names)
-        if lora_loaded:
-            pipe.delete_adapters([adapter_name])
-            _drop_empty_lora_layers(pipe)
-        if adaptor.has_lora:
-            _activate(pipe, registry, others)
-            if refuse:
-                _fuse(pipe, registry)
+            _unload_tokens(pipe, adaptor.metadata.token_names)
+        if adaptor.has_lora or fuse:
+            if any(layer.merged for _, _, layer in _lora_layers(pipe)):
+                pipe.unfuse_lora(components=LORA_COMPONENTS)
+            if lora_loaded:
+                pipe.delete_adapters([adapter_name])
+                _drop_empty_lora_layers(pipe)
+            before.restore(pipe)
+            before.fuse(pipe)
         raise
-    setattr(pipe, _REGISTRY, new_registry)
-    setattr(pipe, _FUSED, now_fused)
-    return record
+    records[adapter_name] = _Provenance(
+        source=adaptor.source,
+        metadata=adaptor.metadata,
+        has_lora=adaptor.has_lora,
+        token_names=tuple(adaptor.metadata.token_names),
+    )
+    setattr(pipe, _REGISTRY, records)
+    return fair_adaptors(pipe)[adapter_name]
 
 
 def unload_fair_adaptor(pipe, adapter_name: str | None = None) -> None:
     """Remove one fair adaptor (by adapter name) or, with ``None``, all of them (at least one must be loaded).
 
     LoRA adapters are deleted (``pipe.delete_adapters``) and soft tokens removed from the
-    tokenizer and text encoder. Unfused, the pipeline is then bit-identical to before loading;
-    after fusing, the weights are restored by subtraction (equal up to float rounding).
+    tokenizer and text encoder. The other adapters keep their activity, weights and fusing.
+    Unfused, the pipeline is then bit-identical to before loading; after fusing, the weights are
+    restored by subtraction (equal up to float rounding).
     """
-    registry = fair_adaptors(pipe)
-    if not registry:
+    records = _provenance(pipe)
+    if not records:
         raise ValueError("no fair adaptor is loaded into this pipeline; there is nothing to unload")
-    if adapter_name is not None and adapter_name not in registry:
-        raise ValueError(f"no fair adaptor named {adapter_name!r} is loaded; loaded: {sorted(registry)}")
-    names = [adapter_name] if adapter_name is not None else list(registry)
-    fused = getattr(pipe, _FUSED, False)
-    if fused:
+    if adapter_name is not None and adapter_name not in records:
+        raise ValueError(f"no fair adaptor named {adapter_name!r} is loaded; loaded: {sorted(records)}")
+    names = [adapter_name] if adapter_name is not None else list(records)
+    adapters = _all_adapter_names(pipe)
+    lora_names = [name for name in names if records[name].has_lora and name in adapters]
+    before = _LoraState.capture(pipe)
+    if lora_names and before.merged:
         pipe.unfuse_lora(components=LORA_COMPONENTS)
     for name in names:
-        record = registry.pop(name)
-        if record.has_lora:
+        record = records.pop(name)
+        if name in lora_names:
             pipe.delete_adapters([name])
-        if record.token_names:
-            _unload_tokens(pipe, record.token_names)
-    if any(record.has_lora for record in registry.values()):
-        others = [n for n in pipe.get_active_adapters() if n not in registry]
-        _activate(pipe, registry, others)
-    _drop_empty_lora_layers(pipe)
-    setattr(pipe, _REGISTRY, registry)
-    setattr(pipe, _FUSED, _fuse(pipe, registry) if fused else False)
+        vocab = pipe.tokenizer.get_vocab()
+        present = [token for token in record.token_names if token in vocab]
+        if present:
+            _unload_tokens(pipe, present)
+    if lora_names:
+        _drop_empty_lora_layers(pipe)
+        before.restore(pipe, removed=lora_names)
+        before.fuse(pipe, removed=lora_names)
+    setattr(pipe, _REGISTRY, records)
 
 
-# --------------------------------------------------------------------------- the pipeline
+# --------------------------------------------------------------------------- the methods on pipelines
 class FairAdaptorMixin:
     """Fair-adaptor methods for a diffusers pipeline with LoRA and textual-inversion loaders."""
 
     def load_fair_adaptor(self, name_or_path, **kwargs) -> LoadedFairAdaptor:
-        """See :func:`load_fair_adaptor` (same keyword arguments)."""
+        """Load a fair adaptor (an index name, a Hub repo id or a local folder): see
+        :func:`diffusers_fair.adaptors.pipeline.load_fair_adaptor` (same keyword arguments)."""
         return load_fair_adaptor(self, name_or_path, **kwargs)
 
     def unload_fair_adaptor(self, adapter_name: str | None = None) -> None:
-        """See :func:`unload_fair_adaptor`."""
+        """Remove one fair adaptor, or all of them: see
+        :func:`diffusers_fair.adaptors.pipeline.unload_fair_adaptor`."""
         unload_fair_adaptor(self, adapter_name)
 
     @property
     def fair_adaptors(self) -> dict[str, LoadedFairAdaptor]:
-        """The loaded fair adaptors by adapter name."""
+        """The loaded fair adaptors by adapter name, as the pipeline holds them now (read-only)."""
         return fair_adaptors(self)
 
     def add_fair_tokens(self, prompt: str | list[str]) -> str | list[str]:
@@ -360,10 +527,27 @@ class FairAdaptorMixin:
         and U-Net are shared."""
         new = super().from_pipe(pipeline, **kwargs)
         shared = all(getattr(new, c, None) is getattr(pipeline, c, None) for c in ("text_encoder", "tokenizer", "unet"))
-        if shared and fair_adaptors(pipeline):
-            setattr(new, _REGISTRY, fair_adaptors(pipeline))
-            setattr(new, _FUSED, getattr(pipeline, _FUSED, False))
+        if shared and _provenance(pipeline):
+            setattr(new, _REGISTRY, _provenance(pipeline))
         return new
+
+
+def register_pipeline_methods(classes=None) -> None:
+    """Give diffusers' Stable Diffusion pipelines ``load_fair_adaptor``, ``unload_fair_adaptor`` and
+    the read-only property ``fair_adaptors``, as diffusers' loader mixins give them ``load_lora_weights``.
+
+    ``import diffusers_fair`` calls it. By default the classes are diffusers' SD 1.x / 2.x pipelines
+    (``STABLE_DIFFUSION_PIPELINES``). A class that already has an attribute of one of these names
+    keeps its own: nothing is ever overridden.
+    """
+    if classes is None:
+        import diffusers
+
+        classes = [getattr(diffusers, name) for name in STABLE_DIFFUSION_PIPELINES]
+    for cls in classes:
+        for name in METHOD_NAMES:
+            if not hasattr(cls, name):
+                setattr(cls, name, FairAdaptorMixin.__dict__[name])
 
 
 class FairFinetunePipeline(FairAdaptorMixin, StableDiffusionPipeline):
@@ -375,6 +559,10 @@ class FairFinetunePipeline(FairAdaptorMixin, StableDiffusionPipeline):
     ``prompt_embeds`` would bypass the soft tokens, so they are refused while soft tokens are
     loaded: encode ``pipe.add_fair_tokens(prompt)`` with ``pipe.encode_prompt`` yourself instead.
     With no adaptor loaded it generates exactly what ``StableDiffusionPipeline`` generates.
+
+    ``save_pretrained`` writes a folder whose ``model_index.json`` names ``StableDiffusionPipeline``,
+    so that ``DiffusionPipeline.from_pretrained`` and ``AutoPipelineForText2Image.from_pretrained``
+    load it (as a ``StableDiffusionPipeline``), and ``FairFinetunePipeline.from_pretrained`` as this class.
     """
 
     def __call__(self, prompt=None, *args, **kwargs):
@@ -388,3 +576,29 @@ class FairFinetunePipeline(FairAdaptorMixin, StableDiffusionPipeline):
             else:
                 prompt = self.add_fair_tokens(prompt)
         return super().__call__(prompt, *args, **kwargs)
+
+    def to_json_string(self) -> str:
+        # diffusers resolves a model_index.json's class name in its own namespace; naming the stock
+        # class lets every diffusers loader read the folder.
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = StableDiffusionPipeline.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' ``save_pretrained``; refused while LoRA adapters are loaded.
+
+        With LoRA adapters attached, the text encoder would be saved as its adapters only and the
+        folder would not load. Loaded soft tokens are saved as part of the tokenizer and text encoder.
+
+        Raises:
+            ValueError: LoRA adapters are loaded (unload them, or fuse them and ``unload_lora_weights``).
+        """
+        adapters = _all_adapter_names(self)
+        if adapters:
+            raise ValueError(
+                f"the pipeline has LoRA adapters loaded ({sorted(adapters)}), which save_pretrained would write "
+                f"in place of the text encoder's weights: unload them first (pipe.unload_fair_adaptor()), or make "
+                f"them permanent with pipe.fuse_lora() and pipe.unload_lora_weights(); save an adaptor itself with "
+                f"save_fair_adaptor"
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)

@@ -6,6 +6,7 @@ import argparse
 
 from ..adaptors.metadata import DEFAULT_SOFT_TOKEN, SD15
 
+
 NAME = "convert"
 HELP = "convert the original release's .pth weights into a fair adaptor folder"
 
@@ -21,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soft-token", default=DEFAULT_SOFT_TOKEN, help=f"token name for soft tokens (default: {DEFAULT_SOFT_TOKEN})")
     parser.add_argument("--text-hidden-size", type=int, default=None, help="text encoder hidden size, where the files cannot tell it")
     parser.add_argument("--cross-attention-dim", type=int, default=None, help="U-Net cross-attention size, where the files cannot tell it")
+    parser.add_argument("--license", default=None,
+                        help="Hub license id of the weights (default: the base model's, creativeml-openrail-m "
+                             "for SD 1.5)")
     parser.add_argument("--overwrite", action="store_true", help="replace an adaptor already in DST")
 
 
@@ -38,10 +42,15 @@ def run(args: argparse.Namespace) -> int:
         soft_token=args.soft_token,
         text_hidden_size=args.text_hidden_size,
         cross_attention_dim=args.cross_attention_dim,
+        license=args.license,
         overwrite=args.overwrite,
     )
     parts = [f"{component} LoRA rank {info['rank']} on {info['num_layers']} layers" for component, info in metadata.lora.items()]
     if metadata.soft_token:
         parts.append(f"{len(metadata.token_names)} soft tokens {metadata.soft_token}")
-    print(f"wrote {args.dst}: {metadata.kind} adaptor for {metadata.base_model} ({'; '.join(parts)})")
+    print(f"wrote {args.dst}: {metadata.kind} adaptor for {metadata.base_model} ({'; '.join(parts)}), "
+          f"license {metadata.license or 'none stated'}")
+    # A bare folder name would be looked up in the adaptor index first.
+    where = args.dst if any(sep in args.dst for sep in "/\\") else f"./{args.dst}"
+    print(f'load it with: pipe.load_fair_adaptor("{where}")')
     return 0

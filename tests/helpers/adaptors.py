@@ -17,6 +17,7 @@ from diffusers_fair.toy.architecture import (
 )
 from diffusers_fair.toy.tokenizer import build_tokenizer
 
+
 WORDS = ["a", "photo", "of", "the", "face", "doctor", "nurse", "person", "smiling"]
 PROMPT = "a photo of the face of a doctor"
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
