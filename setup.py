@@ -42,13 +42,15 @@ setup(
         "mediapipe==0.10.14",
         "accelerate",
         "scipy",
+        # experiment configs (diffusers-fair train) are YAML or JSON
+        "pyyaml",
         "tqdm",
         "matplotlib",
         "tensorboard",
     ],
     extras_require={
         # olah serves local git repositories as Hub model repos, for the download tests.
-        "test": ["pytest", "hypothesis", "scikit-image", "olah"],
+        "test": ["pytest", "hypothesis", "scikit-image", "olah", "ruff"],
         "datasets": ["datasets"],
         "bench": ["pot"],
     },

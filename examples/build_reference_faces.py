@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from diffusers_fair.components.face_embedder import ReferenceFaceSet, TorchvisionFaceEmbedder, face_crops
 from diffusers_fair.components.mediapipe_detector import MediaPipeDetectorConfig, MediaPipeFaceDetector
 
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 

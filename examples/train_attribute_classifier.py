@@ -45,6 +45,7 @@ from diffusers_fair.components.face_embedder import center_square_boxes
 from diffusers_fair.components.mediapipe_detector import MediaPipeDetectorConfig, MediaPipeFaceDetector
 from diffusers_fair.method.boxes import crop_faces
 
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 # FairFace race labels (lower case, '_' as space) -> the paper's four groups.

@@ -29,13 +29,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler
 from diffusers.models.autoencoders.vae import DecoderOutput
-from helpers.components import TINY_CLIP, dinov2_processors, head, to_tensor
-from helpers.scripts import load_script
-from helpers.training import tiny_training_pipeline
 from safetensors.torch import save_file
 
 from diffusers_fair.adaptors.format import read_fair_adaptor
 from diffusers_fair.adaptors.pipeline import load_fair_adaptor
+from diffusers_fair.cli import main
 from diffusers_fair.components.classifiers import (
     FAIRFACE_ATTRIBUTES,
     MobileNetAttributeClassifier,
@@ -55,6 +53,16 @@ from diffusers_fair.components.stable_diffusion import (
 )
 from diffusers_fair.evaluation.results import read_prompts
 from diffusers_fair.method.targets import TargetDistribution
+from diffusers_fair.training.experiment import (
+    adaptor_folder,
+    parse_override,
+    read_config_file,
+    read_experiment,
+    train_experiment,
+)
+from helpers.components import TINY_CLIP, dinov2_processors, head, to_tensor
+from helpers.training import tiny_training_pipeline
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -67,15 +75,6 @@ SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_
 TINY_TRAINING = dict(num_iterations=2, images_per_prompt=4, micro_batch_size=4, min_inference_steps=2,
                      max_inference_steps=3, mixed_precision="no", text_encoder_lora_rank=4, learning_rate=1e-2,
                      gradient_checkpointing=False, log_with="none", sample_every=0, checkpoint_every=0, progress=False)
-
-
-def load_train_sd15():
-    return load_script("examples", "train_sd15")
-
-
-@pytest.fixture(scope="module")
-def script():
-    return load_train_sd15()
 
 
 @pytest.fixture
@@ -170,8 +169,8 @@ def tiny_settings(files, **changes) -> dict:
 
 
 def smoke_config(tmp_path, files, base: str = "gender") -> Path:
-    """A shipped config with the tiny components and a 2-iteration, 4-image, float32 training run."""
-    data = json.loads((CONFIGS / f"{base}.json").read_text())
+    """A shipped config, as JSON, with the tiny components and a 2-iteration, 4-image, float32 training run."""
+    data = read_config_file(CONFIGS / f"{base}.yaml")
     data["components"] = tiny_settings(files)
     data["training"].update(TINY_TRAINING, output_dir=str(tmp_path / "run"))
     path = tmp_path / f"{base}-smoke.json"
@@ -181,22 +180,23 @@ def smoke_config(tmp_path, files, base: str = "gender") -> Path:
 
 # --------------------------------------------------------------------------- the shipped configs
 def test_the_paper_experiments_are_shipped():
-    assert sorted(p.stem for p in CONFIGS.glob("*.json")) == PAPER_EXPERIMENTS
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml") if not p.stem.startswith("toy_")) == PAPER_EXPERIMENTS
 
 
 @pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
-def test_every_shipped_config_dry_runs(script, in_repo, name, capsys):
-    assert script.main([str(CONFIGS / f"{name}.json"), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert out.rstrip().endswith("config OK")
-    assert "base model: stable-diffusion-v1-5/stable-diffusion-v1-5" in out
+def test_every_shipped_config_dry_runs(in_repo, name, capsys):
+    assert main(["train", str(CONFIGS / f"{name}.yaml"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["training"]["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    plan = captured.err
+    assert "base model: stable-diffusion-v1-5/stable-diffusion-v1-5" in plan
     # The user-provided weights are listed; the evaluation classifier is not the training one.
-    assert "to provide: classifier weights/fairface_mobilenet.safetensors" in out
-    assert "--classifier weights/fairface_mobilenet_eval.safetensors" in out
+    assert "to provide: classifier weights/fairface_mobilenet.safetensors" in plan
+    assert "--classifier weights/fairface_mobilenet_eval.safetensors" in plan
 
 
-def test_shipped_configs_encode_the_papers_settings(script, in_repo):
-    read = {name: script.read_experiment(CONFIGS / f"{name}.json") for name in PAPER_EXPERIMENTS}
+def test_shipped_configs_encode_the_papers_settings(in_repo):
+    read = {name: read_experiment(CONFIGS / f"{name}.yaml") for name in PAPER_EXPERIMENTS}
     gender = TargetDistribution.parse("gender: male, female")
     race = TargetDistribution.parse("race: wmelh, asian, black, indian")
     age = TargetDistribution.parse("age: young=0.75, old=0.25")
@@ -235,30 +235,34 @@ def test_shipped_configs_encode_the_papers_settings(script, in_repo):
     (lambda d: d.update(targets=["glasses: yes, no"]), "not predicted by components.classifier"),
     (lambda d: d.update(prompts="examples/prompts/nowhere.json"), "prompt set file examples/prompts/nowhere.json does not exist"),
     (lambda d: d.update(prompts=[{"file": "examples/prompts/occupations_train.txt"}]), "the name of a prompt-set file"),
-    (lambda d: d.update(extra=1), "unknown keys"),
+    (lambda d: d.update(extra=1), "unknown key 'extra'"),
     (lambda d: d["training"].update(learning_rate=-1.0), "learning_rate"),
     (lambda d: d["components"].update(face_embedder=None, reference_faces=None), "weight_loss_face > 0 needs"),
     (lambda d: d["components"].update(clip_model=None), "needs components.clip_model"),
     (lambda d: d["components"]["eval_classifier"].update(kind="clip"), "'path' applies only"),
 ])
-def test_dry_run_rejects_bad_configs(script, in_repo, tmp_path, capsys, change, message):
-    data = json.loads((CONFIGS / "gender.json").read_text())
+def test_dry_run_rejects_bad_configs(in_repo, tmp_path, capsys, change, message):
+    data = read_config_file(CONFIGS / "gender.yaml")
     # A zero-shot classifier: its classes are known without any file, so targets are checked.
     data["components"]["classifier"] = {"kind": "clip", "attributes": ["gender", "age"]}
     change(data)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(data))
-    assert script.main([str(path), "--dry-run"]) == 2
+    assert main(["train", str(path), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_training_overrides_on_the_command_line(script, in_repo):
-    overrides = script.parse_overrides(["num_iterations=20", "resume_from=latest", "attribute_change_factors={\"race\": 0.5}"])
-    assert overrides == {"num_iterations": 20, "resume_from": "latest", "attribute_change_factors": {"race": 0.5}}
-    experiment = script.read_experiment(CONFIGS / "race.json", overrides)
+def test_training_overrides_on_the_command_line(in_repo):
+    overrides = ["training.num_iterations=20", "training.resume_from=latest",
+                 "training.attribute_change_factors={\"race\": 0.5}"]
+    assert [parse_override(o) for o in overrides] == [(["training", "num_iterations"], 20),
+                                                      (["training", "resume_from"], "latest"),
+                                                      (["training", "attribute_change_factors"], {"race": 0.5})]
+    experiment = read_experiment(CONFIGS / "race.yaml", overrides)
     assert (experiment.config.num_iterations, experiment.config.resume_from) == (20, "latest")
-    with pytest.raises(ValueError, match="key=value"):
-        script.parse_overrides(["num_iterations"])
+    assert experiment.config.attribute_change_factors == {"race": 0.5}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_override("training.num_iterations")
 
 
 # --------------------------------------------------------------------------- the loader
@@ -329,12 +333,12 @@ def text_states(pipe, prompt: str) -> torch.Tensor:
         return pipe.text_encoder(ids)[0]
 
 
-def test_sd15_configuration_trains_end_to_end_with_mediapipe_faces(script, in_repo, tmp_path, component_files, photo):
-    experiment = script.read_experiment(smoke_config(tmp_path, component_files))
+def test_sd15_configuration_trains_end_to_end_with_mediapipe_faces(in_repo, tmp_path, component_files, photo):
+    experiment = read_experiment(smoke_config(tmp_path, component_files))
     pipe = tiny_sd15_pipeline(photo)
     frozen = {"unet": snapshot(pipe.unet), "vae": snapshot(pipe.vae)}
 
-    trainer = script.train(experiment, pipeline=pipe)
+    trainer = train_experiment(experiment, pipeline=pipe)
 
     # The components were loaded from the files by name, with the real MediaPipe detector.
     assert isinstance(trainer.components, SD15Components)
@@ -358,7 +362,7 @@ def test_sd15_configuration_trains_end_to_end_with_mediapipe_faces(script, in_re
         after = getattr(pipe, name).state_dict()
         assert all(torch.equal(v, after[k]) for k, v in before.items()), name
 
-    folder = script.adaptor_folder(experiment)
+    folder = adaptor_folder(experiment)
     adaptor = read_fair_adaptor(folder)
     meta = adaptor.metadata
     assert (meta.name, meta.kind, meta.base_model) == ("sd15-gender", "lora", "stable-diffusion-v1-5/stable-diffusion-v1-5")
@@ -376,9 +380,9 @@ def test_sd15_configuration_trains_end_to_end_with_mediapipe_faces(script, in_re
     assert torch.allclose(reloaded, expected, atol=1e-5)
 
 
-def test_the_script_runs_a_saved_pipeline_without_faces(script, in_repo, tmp_path, component_files, capsys):
-    """``main`` alone, as on the command line: the base model loaded from a folder, the components from
-    files. A plain random VAE draws no faces, so only the image-semantics loss applies."""
+def test_the_train_command_runs_a_saved_pipeline_without_faces(in_repo, tmp_path, component_files, capsys):
+    """``diffusers-fair train`` alone: the base model loaded from a folder, the components from files.
+    A plain random VAE draws no faces, so only the image-semantics loss applies."""
     model = tmp_path / "tiny-sd15"
     tiny_sd15_pipeline(None).save_pretrained(model)
     config = smoke_config(tmp_path, component_files, base="gender_race")
@@ -386,7 +390,7 @@ def test_the_script_runs_a_saved_pipeline_without_faces(script, in_repo, tmp_pat
     data["training"]["base_model"] = str(model)
     config.write_text(json.dumps(data))
 
-    assert script.main([str(config)]) == 0
+    assert main(["train", str(config)]) == 0
     assert "saved the adaptor to" in capsys.readouterr().out
     history = [json.loads(line) for line in (tmp_path / "run" / "training_log.jsonl").read_text().splitlines()]
     assert len(history) == 2

@@ -12,10 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import convert, demo, push, version
+from . import convert, demo, pull, push, train, version
 from . import eval as eval_command
 
-COMMANDS = [version, demo, eval_command, convert, push]
+
+COMMANDS = [version, demo, train, eval_command, convert, push, pull]
 
 
 def build_parser() -> argparse.ArgumentParser:

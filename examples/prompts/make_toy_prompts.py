@@ -12,6 +12,7 @@ from pathlib import Path
 
 from diffusers_fair.toy import world
 
+
 HERE = Path(__file__).parent
 
 
