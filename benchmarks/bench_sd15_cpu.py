@@ -1,0 +1,201 @@
+"""One training iteration at Stable Diffusion 1.5's full size on the CPU: our two-pass scheme against the
+authors' three-pass one-graph scheme.
+
+The models are built from SD 1.5's configurations with random weights (a random-weight network does the
+same arithmetic as the trained one, so it takes the same time and memory): the U-Net (860 M
+parameters, cross-attention 768), the CLIP ViT-L/14 text encoder with the paper's LoRA (rank 50 on
+q/k/v/out_proj and fc1/fc2), and the VAE. One iteration samples ``--batch`` images at ``--size`` pixels
+with ``--steps`` DPM-Solver++ steps and classifier-free guidance ``--guidance`` (the U-Net sees twice
+the batch), decodes them with gradient and backpropagates a loss on the pixels into the LoRA weights:
+
+* authors' scheme: the finetuned model samples without gradient (for the targets), the frozen model
+  samples without gradient (for the references), then the finetuned model samples again with one
+  graph through the whole chain (U-Net inputs detached, gradient checkpointing on the U-Net), and the
+  loss is backpropagated through it;
+* ours (``method.dft.adjusted_backward``, ``two_pass``): the frozen model samples (references), the
+  finetuned model samples once without gradient keeping each step's U-Net input, and each step's noise
+  prediction is recomputed with gradient and receives ``s_k * dL/dz_0``, one step's graph at a time.
+
+The classifier, CLIP and DINOv2 models of the real loss run once per iteration in both schemes and are
+left out; the pixel loss stands in for them. Float32 (the CPU's precision), ``torch`` threads as set by
+``--threads``.
+
+Each figure comes from a forked child process that first runs the same iteration with one sampling
+step (warm-up), then the measured iteration: one child times it; another, whose glibc allocator
+returns freed memory at once (see ``bench_dft.py``), reports its peak resident memory growth
+(``ru_maxrss`` minus the resident size before it).
+
+    python benchmarks/bench_sd15_cpu.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+import traceback
+
+import torch
+from bench_dft import pin_mmap_threshold
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffusers_fair.method.dft import adjusted_backward, sample_latents
+
+
+SCHEMES = ("authors", "ours")
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def build(args):
+    """SD 1.5's U-Net, text encoder (with LoRA) and VAE with random weights, and the scheduler."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).requires_grad_(False)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    )).requires_grad_(False)
+    text_encoder.add_adapter(LoraConfig(r=50, lora_alpha=50, init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+    ).requires_grad_(False)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, algorithm_type="dpmsolver++", solver_order=2)
+    latent = args.size // 8
+    latents = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 49408, (1, 77), generator=torch.Generator().manual_seed(2))
+    empty = torch.full((1, 77), 49407)
+    parameters = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text_encoder.parameters())
+    trained = sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
+    return dict(unet=unet, text_encoder=text_encoder, vae=vae, scheduler=scheduler, latents=latents, ids=ids,
+                empty=empty, parameters=parameters + sum(p.numel() for p in vae.parameters()), trained=trained)
+
+
+def iteration(models, scheme: str, steps: int, guidance: float) -> None:
+    """One iteration's sampling and gradient work (the optimizer step is the same in both schemes)."""
+    unet, text_encoder, vae, scheduler = models["unet"], models["text_encoder"], models["vae"], models["scheduler"]
+    latents, batch = models["latents"], models["latents"].shape[0]
+    text_encoder.zero_grad(set_to_none=True)
+
+    def encode(ids):
+        return text_encoder(ids)[0].repeat(batch, 1, 1)
+
+    def decode(z0):
+        return (vae.decode(z0 / 0.18215).sample / 2 + 0.5).clamp(0, 1)
+
+    with torch.no_grad():
+        uncond = encode(models["empty"])
+        text_encoder.disable_adapters()
+        frozen_cond = encode(models["ids"])
+        text_encoder.enable_adapters()
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, negative_prompt_embeds=uncond)
+    if scheme == "authors":
+        with torch.no_grad():
+            sample_latents(unet, scheduler, latents, encode(models["ids"]), **kwargs)  # finetuned, for the targets
+    with torch.no_grad():
+        reference = decode(sample_latents(unet, scheduler, latents, frozen_cond, **kwargs))  # frozen, for the references
+
+    def loss_fn(z0):
+        return ((decode(z0) - reference) ** 2).mean()
+
+    cond = encode(models["ids"])  # with gradient into the LoRA weights
+    if scheme == "authors":
+        unet.enable_gradient_checkpointing()
+        adjusted_backward(unet, scheduler, latents, cond, loss_fn, mode="one_graph", **kwargs)
+        unet.disable_gradient_checkpointing()
+    else:
+        adjusted_backward(unet, scheduler, latents, cond, loss_fn, mode="two_pass", **kwargs)
+    grads = [p.grad for p in text_encoder.parameters() if p.requires_grad]
+    if not grads or any(g is None or not torch.isfinite(g).all() for g in grads):
+        raise RuntimeError(f"{scheme}: the LoRA weights got no finite gradient")
+
+
+def in_child(fn) -> dict:
+    """Run ``fn()`` (returning a JSON-able dict) in a forked child process and return its result."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        status = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(fn()).encode())
+            status = 0
+        except BaseException:  # noqa: BLE001 - report any failure of the child, then exit
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise RuntimeError("the measuring child process failed")
+    return json.loads(data)
+
+
+def measure_time(models, scheme: str, args) -> float:
+    """Wall seconds of one iteration, after a one-step warm-up, with the allocator as it comes."""
+    def run():
+        iteration(models, scheme, 1, args.guidance)
+        start = time.perf_counter()
+        iteration(models, scheme, args.steps, args.guidance)
+        return {"seconds": time.perf_counter() - start}
+
+    return in_child(run)["seconds"]
+
+
+def measure_memory(models, scheme: str, args) -> float:
+    """Peak resident memory growth (MiB) of one iteration, after a one-step warm-up. The allocator returns
+    freed memory at once (which slows allocation, hence a separate process from the timing)."""
+    def run():
+        pin_mmap_threshold()
+        iteration(models, scheme, 1, args.guidance)
+        with open("/proc/self/statm") as f:
+            rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        iteration(models, scheme, args.steps, args.guidance)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        return {"peak_mb": (peak - rss_before) / 2**20}
+
+    return in_child(run)["peak_mb"]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latents: size / 8)")
+    parser.add_argument("--batch", type=int, default=2, help="images per iteration")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", default=None, help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = build(args)
+    print(f"SD 1.5 architecture, random weights: {models['parameters'] / 1e6:.0f} M parameters, "
+          f"{models['trained'] / 1e6:.1f} M trained (text-encoder LoRA r=50); {args.batch} images at {args.size}x{args.size}, "
+          f"{args.steps} DPM-Solver++ steps, guidance {args.guidance}, float32, {args.threads} threads", flush=True)
+    results = {}
+    for scheme in SCHEMES:
+        results[scheme] = {"seconds": measure_time(models, scheme, args), "peak_mb": measure_memory(models, scheme, args)}
+        print(f"{scheme:>8}: {results[scheme]['seconds']:7.1f} s per iteration, peak memory growth "
+              f"{results[scheme]['peak_mb']:8.0f} MiB", flush=True)
+    ratio = {"time": results["ours"]["seconds"] / results["authors"]["seconds"],
+             "peak_memory": results["ours"]["peak_mb"] / results["authors"]["peak_mb"]}
+    print(f"ours / authors: time {ratio['time']:.2f}, peak memory {ratio['peak_memory']:.2f}")
+    record = {"settings": vars(args), "results": results, "ours_over_authors": ratio}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+    return record
+
+
+if __name__ == "__main__":
+    main()
