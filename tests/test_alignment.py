@@ -166,6 +166,79 @@ def test_correlated_joint_table_matches_brute_force():
     np.testing.assert_allclose(q.numpy(), brute_force_targets(cost, joint.probs.numpy()), atol=1e-12)
 
 
+# --------------------------------------------------------------------------- the transport cost
+def euclidean_cost(p: np.ndarray) -> np.ndarray:
+    """``cost[i, k] = |p_i - e_k|``, the plain distance, written out with numpy's norm."""
+    eye = np.eye(p.shape[1])
+    return np.linalg.norm(p[:, None, :] - eye[None, :, :], axis=-1)
+
+
+@pytest.mark.parametrize("n, r", [(4, [0.25, 0.25, 0.25, 0.25]), (5, [0.2, 0.3, 0.5]), (4, [0.1, 0.0, 0.6, 0.3])])
+def test_euclidean_cost_matches_brute_force(n, r):
+    probs = random_probs(n, len(r), seed=len(r) * 10 + n)
+    q = expected_ot_targets(probs, torch.tensor(r, dtype=torch.float64), cost="euclidean")
+    expected = brute_force_targets(euclidean_cost(probs.numpy()), np.array(r))
+    np.testing.assert_allclose(q.numpy(), expected, atol=1e-12)
+
+
+def test_the_costs_give_other_targets_for_four_classes():
+    # Four images, a uniform four-class target: the plain distance moves one image's target class.
+    probs = random_probs(4, 4, seed=4)
+    r = np.full(4, 0.25)
+    squared = expected_ot_targets(probs, torch.tensor(r))
+    euclidean = expected_ot_targets(probs, torch.tensor(r), cost="euclidean")
+    np.testing.assert_allclose(squared.numpy(), brute_force_targets(squared_cost(probs.numpy()), r), atol=1e-12)
+    np.testing.assert_allclose(euclidean.numpy(), brute_force_targets(euclidean_cost(probs.numpy()), r), atol=1e-12)
+    assert squared.argmax(dim=1).tolist() == [3, 1, 2, 0]
+    assert euclidean.argmax(dim=1).tolist() == [3, 1, 0, 0]
+    # Both are expectations of assignments to labels drawn from the target.
+    for q in (squared, euclidean):
+        assert torch.allclose(q.mean(dim=0), torch.tensor(r), atol=1e-12)
+
+
+@pytest.mark.parametrize("r1", [0.5, 0.25, 0.8])
+@pytest.mark.parametrize("n", [3, 8, 257])
+def test_the_costs_give_the_same_two_class_targets(r1, n):
+    probs = random_probs(n, 2, seed=n)
+    target = torch.tensor([1 - r1, r1], dtype=torch.float64)
+    squared = expected_ot_targets(probs, target)
+    assert torch.equal(expected_ot_targets(probs, target, cost="euclidean"), squared)
+    if n <= 8:
+        expected = brute_force_targets(euclidean_cost(probs.numpy()), np.array([1 - r1, r1]))
+        np.testing.assert_allclose(squared.numpy(), expected, atol=1e-12)
+    draws = {cost: expected_ot_targets(probs, target, num_samples=20, generator=torch.Generator().manual_seed(3),
+                                       cost=cost) for cost in ("squared", "euclidean")}
+    assert torch.equal(draws["squared"], draws["euclidean"])
+
+
+def test_euclidean_joint_cost_is_the_distance_of_the_concatenated_vectors():
+    joint = TargetDistribution.uniform("gender", ["m", "f"]) * TargetDistribution.uniform("race", list("abc"))
+    n = 4
+    probs = {"gender": random_probs(n, 2, seed=11), "race": random_probs(n, 3, seed=12)}
+    q = expected_ot_targets(probs, joint, cost="euclidean")
+    concatenated = np.concatenate([probs["gender"].numpy(), probs["race"].numpy()], axis=1)
+    cost = np.zeros((n, 6))
+    for c, (g, rc) in enumerate(itertools.product(range(2), range(3))):
+        cell = np.concatenate([np.eye(2)[g], np.eye(3)[rc]])
+        cost[:, c] = np.linalg.norm(concatenated - cell, axis=1)
+    np.testing.assert_allclose(q.numpy(), brute_force_targets(cost, joint.probs.numpy()), atol=1e-12)
+    squared = expected_ot_targets(probs, joint)
+    assert not torch.allclose(q, squared)
+
+
+def test_the_cost_reaches_the_targets_and_the_loss():
+    probs = random_probs(4, 4, seed=4)
+    target = TargetDistribution.uniform("r", list("abcd"))
+    labels, _, _ = dynamic_targets(probs, target, threshold=0.0, cost="euclidean")
+    assert labels.tolist() == [3, 1, 0, 0]
+    logits = torch.log(probs).requires_grad_(True)
+    loss = distributional_alignment_loss(logits, target, threshold=0.0, cost="euclidean")
+    expected = torch.nn.functional.cross_entropy(logits.detach(), torch.tensor([3, 1, 0, 0]))
+    assert loss.item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="cost must be one of 'squared', 'euclidean', got 'manhattan'"):
+        expected_ot_targets(probs, target, cost="manhattan")
+
+
 # --------------------------------------------------------------------------- Monte Carlo
 @pytest.mark.parametrize("n, r", [(8, [0.2, 0.3, 0.5]), (10, [0.7, 0.3])])
 def test_monte_carlo_is_within_a_few_standard_errors(n, r):

@@ -26,6 +26,11 @@ CHOICES = {
     "lr_schedule": ("constant", "cosine"),
     "sampler": ("dpmsolver++", "ddim", "euler", "pipeline"),
     "log_with": ("auto", "tensorboard", "wandb", "none"),
+    "dft_step_weights": ("unit", "authors"),
+    "prompt_padding": ("max_length", "natural"),
+    "ot_cost": ("squared", "euclidean"),
+    "faceless_image_weight": ("full", "smallest_change_factor"),
+    "face_realism_images": ("kept_target", "every_face"),
 }
 
 

@@ -22,9 +22,11 @@ from diffusers import (
 from diffusers_fair.method.dft import (
     DFTResult,
     adjusted_backward,
+    ddpm_step_factors,
     sample_latents,
     step_coefficients,
 )
+
 
 DTYPE = torch.float64
 STEPS = 4
@@ -460,3 +462,97 @@ def test_a_loss_with_stats_hands_them_back_and_gives_the_same_gradient(mode):
 
     with pytest.raises(ValueError, match="a tuple of 3"):
         adjusted_backward(unet, scheduler, latents, cond, lambda z0: (loss_fn(z0), 1, 2), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- step weights
+def hand_ddpm_factors(scheduler, steps):
+    """The authors' per-step gradient factors, written out: sqrt(abar) sqrt(1 - abar) / (1 - alpha) at each
+    timestep, divided by their geometric mean (math.prod, as a plain product)."""
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(steps)
+    c = []
+    for t in sched.timesteps.tolist():
+        abar, alpha = float(sched.alphas_cumprod[int(t)]), float(sched.alphas[int(t)])
+        c.append(math.sqrt(abar) * math.sqrt(1 - abar) / (1 - alpha))
+    mean = math.prod(c) ** (1 / len(c))
+    return torch.tensor([x / mean for x in c], dtype=DTYPE)
+
+
+def authors_reference(unet, scheduler, latents, cond, uncond, w, loss_fn, steps):
+    """The authors' form of adjusted DFT: one graph through the chain with detached U-Net inputs, and a
+    hook multiplying the gradient that reaches each noise prediction by its factor."""
+    factors = hand_ddpm_factors(scheduler, steps)
+
+    def on_eps(k, eps):
+        eps.register_hook(lambda grad, f=float(factors[k]): grad * f)
+
+    z0 = plain_loop(unet, scheduler, latents, cond, uncond, w, steps, detach_input=True, on_eps=on_eps)
+    loss_fn(z0).backward()
+
+
+@pytest.mark.parametrize("sched_name, guidance", [("dpm", 3.0), ("dpm", 1.0), ("ddim", 3.0)])
+def test_authors_step_weights_equal_the_hook_form_of_their_code(sched_name, guidance):
+    unet = make_unet()
+    scheduler = make_scheduler(sched_name)
+    latents, cond, uncond, loss_fn = make_inputs()
+    authors_reference(unet, scheduler, latents, cond, uncond, guidance, loss_fn, STEPS)
+    reference = collect_grads(unet)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=guidance, negative_prompt_embeds=uncond,
+                  step_weights="authors")
+    for mode in ["two_pass", "one_graph"]:
+        zero_grads(unet)
+        result = adjusted_backward(unet, scheduler, latents, cond, loss_fn, mode=mode, **kwargs)
+        assert rel_err(collect_grads(unet), reference) < 1e-6, mode
+        factors = hand_ddpm_factors(scheduler, STEPS)
+        assert torch.allclose(result.scales, result.coefficients * factors, rtol=1e-12)
+        assert torch.equal(torch.sign(result.scales), torch.sign(result.coefficients))
+    assert torch.allclose(ddpm_step_factors(scheduler, STEPS), hand_ddpm_factors(scheduler, STEPS), rtol=1e-12)
+    assert math.isclose(math.prod(ddpm_step_factors(scheduler, STEPS).tolist()), 1.0, rel_tol=1e-9)
+
+
+def test_unit_and_authors_step_weights_differ_over_several_steps_and_agree_in_direction_on_one():
+    unet = make_unet()
+    scheduler = make_scheduler("dpm")
+    latents, cond, uncond, loss_fn = make_inputs()
+    kwargs = dict(guidance_scale=3.0, negative_prompt_embeds=uncond)
+
+    def run(step_weights, steps, mode="two_pass"):
+        zero_grads(unet)
+        result = adjusted_backward(unet, scheduler, latents, cond, loss_fn, num_inference_steps=steps, mode=mode,
+                                   step_weights=step_weights, **kwargs)
+        return result, collect_grads(unet)
+
+    # Several steps: the same images and loss, gradients of other directions (|s_k| is not constant).
+    (unit, unit_grads), (authors, authors_grads) = run("unit", STEPS), run("authors", STEPS)
+    assert torch.equal(unit.latents, authors.latents) and torch.equal(unit.loss, authors.loss)
+    assert torch.equal(unit.scales, torch.sign(unit.coefficients))
+    assert authors.scales.abs().max() / authors.scales.abs().min() > 1.5
+    cosine = (unit_grads @ authors_grads / (unit_grads.norm() * authors_grads.norm())).item()
+    assert cosine < 1 - 1e-4
+
+    # One step: the factor is 1, so the authors' weight is the path a_1 itself: the same direction, scaled.
+    (unit, unit_grads), (authors, authors_grads) = run("unit", 1), run("authors", 1)
+    a = unit.coefficients[0].item()
+    assert authors.scales.tolist() == pytest.approx([a], rel=1e-12)
+    assert rel_err(authors_grads, abs(a) * unit_grads) < 1e-10
+
+    # The exact gradient has no step weights.
+    (_, naive_unit), (_, naive_authors) = run("unit", STEPS, "naive"), run("authors", STEPS, "naive")
+    assert torch.equal(naive_unit, naive_authors)
+
+
+def test_step_weights_errors():
+    unet = make_unet()
+    latents, cond, _, loss_fn = make_inputs()
+    with pytest.raises(ValueError, match="step_weights must be one of"):
+        adjusted_backward(unet, make_scheduler("ddim"), latents, cond, loss_fn, num_inference_steps=STEPS,
+                          step_weights="ddpm")
+    with pytest.raises(ValueError, match="use it with standardize=True"):
+        adjusted_backward(unet, make_scheduler("ddim"), latents, cond, loss_fn, num_inference_steps=STEPS,
+                          standardize=False, step_weights="authors")
+    with pytest.raises(ValueError, match="whole-number timesteps"):  # Euler's 5 steps: 999, 749.25, ...
+        adjusted_backward(unet, make_scheduler("euler"), latents, cond, loss_fn, num_inference_steps=5,
+                          step_weights="authors")
+    # Euler with whole-number timesteps has the factors.
+    leading = make_scheduler("euler", timestep_spacing="leading")
+    assert torch.allclose(ddpm_step_factors(leading, STEPS), hand_ddpm_factors(leading, STEPS), rtol=1e-12)

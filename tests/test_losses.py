@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers_fair.method import losses
 from diffusers_fair.method.alignment import dynamic_targets
 from diffusers_fair.method.boxes import crop_faces
+from diffusers_fair.method.face_alignment import align_faces
 from diffusers_fair.method.targets import TargetDistribution
 
 
@@ -124,6 +125,60 @@ def test_dynamic_weights_take_the_smallest_factor_of_the_attributes_that_change(
                                            attribute_factors={"race": 0.6})
     # nothing changes | race changes | gender changes | both change
     torch.testing.assert_close(weights, torch.tensor([1.0, 0.6, 0.2, 0.2]))
+
+
+def test_face_region_factors_take_the_smallest_factor_of_the_attributes_that_change():
+    labels = {"gender": torch.tensor([0, 0, 1, 1, 1]), "race": torch.tensor([2, 3, 2, 3, 3])}
+    keep = {"gender": torch.ones(5, dtype=torch.bool), "race": torch.ones(5, dtype=torch.bool)}
+    original = {"gender": torch.tensor([0, 0, 0, 0, 0]), "race": torch.tensor([2, 2, 2, 2, 2])}
+    found = torch.tensor([True, True, True, True, False])
+    change = losses.needs_change(labels, keep, original)
+    # nothing changes | race changes | gender changes | both change | no face
+    per_attribute = losses.face_region_factors(change, found, 0.2, {"race": 0.3})
+    torch.testing.assert_close(per_attribute, torch.tensor([1.0, 0.3, 0.2, 0.2, 1.0]))
+    torch.testing.assert_close(losses.face_region_factors(change, found, 0.5, {"race": 0.3, "gender": 0.4}),
+                               torch.tensor([1.0, 0.3, 0.4, 0.3, 1.0]))
+    # Without per-attribute factors: the one factor wherever a face must change, as before.
+    one = losses.face_region_factors(change, found, 0.2)
+    torch.testing.assert_close(one, torch.tensor([1.0, 0.2, 0.2, 0.2, 1.0]))
+    assert torch.equal(one, losses.face_region_factors(change, found, 0.2, {}))
+
+
+def test_faceless_images_get_the_full_weight_or_the_smallest_change_factor():
+    labels = {"gender": torch.tensor([0, 1, -1]), "race": torch.tensor([2, 2, -1])}
+    keep = {"gender": torch.tensor([True, True, False]), "race": torch.tensor([True, True, False])}
+    original = {"gender": torch.tensor([0, 0, 1]), "race": torch.tensor([2, 2, 3])}
+    found = torch.tensor([True, True, False])
+    change = losses.needs_change(labels, keep, original)
+    kwargs = dict(factor=0.2, attribute_factors={"race": 0.6})
+    full = losses.dynamic_image_weights(change, found, **kwargs)
+    smallest = losses.dynamic_image_weights(change, found, faceless="smallest_change_factor", **kwargs)
+    torch.testing.assert_close(full, torch.tensor([1.0, 0.2, 1.0]))
+    torch.testing.assert_close(smallest, torch.tensor([1.0, 0.2, 0.2]))  # min(gender 0.2, race 0.6)
+    race_only = {"race": change["race"]}
+    torch.testing.assert_close(losses.dynamic_image_weights(race_only, found, faceless="smallest_change_factor",
+                                                            **kwargs), torch.tensor([1.0, 1.0, 0.6]))
+    assert torch.equal(full, losses.dynamic_image_weights(change, found, faceless="full", **kwargs))
+    with pytest.raises(ValueError, match="faceless must be one of"):
+        losses.dynamic_image_weights(change, found, faceless="none", **kwargs)
+
+
+def test_face_realism_applies_to_faces_with_a_kept_target_or_to_every_face():
+    found = torch.tensor([True, True, True, False])
+    keep = {"gender": torch.tensor([True, False, False, False]), "race": torch.tensor([True, True, False, False])}
+    change = {"gender": torch.tensor([False, True, True, True]), "race": torch.tensor([False, False, True, True])}
+    confidence = {"gender": torch.tensor([0.9, 0.9, 0.9, 0.0]), "race": torch.tensor([0.8, 0.9, 0.9, 0.0])}
+    kept, kept_own = losses.face_realism_plan(found, keep, change, confidence, min_confidence=0.8)
+    every, every_own = losses.face_realism_plan(found, keep, change, confidence, min_confidence=0.8,
+                                                images="every_face")
+    assert kept.tolist() == [True, True, False, False]
+    assert every.tolist() == [True, True, True, False]
+    # The original face is the reference under the same condition with both.
+    assert kept_own.tolist() == every_own.tolist() == [True, False, False, False]
+    _, strict_own = losses.face_realism_plan(found, keep, change, confidence, min_confidence=0.85)
+    assert strict_own.tolist() == [False, False, False, False]
+    with pytest.raises(ValueError, match="images must be one of"):
+        losses.face_realism_plan(found, keep, change, confidence, min_confidence=0.8, images="all")
 
 
 def test_face_realism_plan():
@@ -289,6 +344,93 @@ def test_alignment_batch_loss_against_a_hand_composition():
     assert math.isclose(s.sum().item(), s_scaled.sum().item(), rel_tol=1e-6)
 
 
+def joint_batch():
+    """Four 4x4 images with gender and race targets: (0) keeps both classes, (1) must change race,
+    (2) has a face without a kept target, (3) has no face."""
+    gen = torch.Generator().manual_seed(21)
+    images = torch.rand(4, 3, 4, 4, generator=gen, requires_grad=True)
+    found = torch.tensor([True, True, True, False])
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 2.0, 4.0], [1.0, 1.0, 4.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    logits = {"gender": torch.randn(4, 2, generator=gen), "race": torch.randn(4, 4, generator=gen)}
+    labels = {"gender": torch.tensor([1, 1, 0, -1]), "race": torch.tensor([2, 3, 1, -1])}
+    keep = {"gender": torch.tensor([True, True, False, False]), "race": torch.tensor([True, True, False, False])}
+    reference = losses.ReferenceImages(
+        found=torch.ones(4, dtype=torch.bool), boxes=torch.tensor([[0.0, 0.0, 4.0, 4.0]] * 4),
+        classes={"gender": torch.tensor([1, 1, 0, 0]), "race": torch.tensor([2, 2, 1, 1])},
+        confidence={"gender": torch.tensor([0.95, 0.99, 0.9, 0.9]), "race": torch.tensor([0.9, 0.9, 0.9, 0.9])},
+        image_embeddings=[torch.randn(4, 5, generator=gen)], face_embeddings=torch.randn(4, 3, generator=gen))
+    inputs = dict(images=images, found=found, boxes=boxes, logits=logits, labels=labels, keep=keep,
+                  reference=reference, image_embedders=[LinearEmbedder(48, 5, 9)],
+                  face_embedder=FlatFaceEmbedder(48, 3, 10), face_bank=torch.randn(5, 3, generator=gen), num_images=4)
+    return inputs
+
+
+def test_alignment_batch_loss_with_the_joint_run_rules_changes_only_the_faceless_and_targetless_images():
+    inputs = joint_batch()
+    base = dict(weight_loss_img=8.0, weight_loss_face=0.5, image_change_factor=0.2,
+                attribute_change_factors={"race": 0.6}, face_region_factor=0.2, own_face_confidence=0.8)
+    plain = losses.alignment_batch_loss(**inputs, weights=losses.LossWeights(**base))
+    joint = losses.alignment_batch_loss(**inputs, weights=losses.LossWeights(
+        **base, faceless_image_weight="smallest_change_factor", face_realism_images="every_face"))
+    assert plain.parts["realism_images"].item() == 2 and joint.parts["realism_images"].item() == 3
+
+    images, reference = inputs["images"].detach(), inputs["reference"]
+    semantics = hand_cosine_distance(inputs["image_embedders"][0](images), reference.image_embeddings[0])
+    face = inputs["face_embedder"](crop_faces(images[2:3], inputs["boxes"][2:3], 4)).detach()
+    realism = min(hand_cosine_distance(face, inputs["face_bank"][j:j + 1])[0] for j in range(5))
+    # The no-face image's weight goes from 1 to min(0.2, 0.6); image 2 gets the realism loss.
+    expected = (8 * (0.2 - 1.0) * semantics[3] + 0.5 * realism) / 4
+    assert joint.total.item() - plain.total.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert joint.parts["dal"].item() == plain.parts["dal"].item()
+
+
+def test_alignment_batch_loss_takes_the_attributes_face_region_factors():
+    inputs = joint_batch()
+    base = dict(weight_loss_img=8.0, weight_loss_face=0.0, image_change_factor=0.2,
+                attribute_change_factors={"race": 0.6}, face_region_factor=0.2, own_face_confidence=0.8)
+    grads = {}
+    for name, factors in (("one", {}), ("race", {"race": 0.3})):
+        inputs["images"].grad = None
+        result = losses.alignment_batch_loss(**inputs, weights=losses.LossWeights(
+            **base, attribute_face_region_factors=factors))
+        result.total.backward()
+        grads[name] = inputs["images"].grad.clone()
+    # Only image 1 (race must change) has a different factor in its face region, columns 0-1: 0.3 / 0.2.
+    assert torch.equal(grads["one"][[0, 2, 3]], grads["race"][[0, 2, 3]])
+    torch.testing.assert_close(grads["race"][1, :, :, 2:], grads["one"][1, :, :, 2:])
+    torch.testing.assert_close(grads["race"][1, :, :, :2], grads["one"][1, :, :, :2] * 1.5, rtol=1e-4, atol=1e-7)
+
+
+def test_alignment_batch_loss_reads_aligned_faces_when_given_landmarks():
+    inputs = joint_batch()
+    weights = losses.LossWeights(weight_loss_img=0.0, weight_loss_face=1.0, image_change_factor=0.2,
+                                 attribute_change_factors={}, face_region_factor=0.2, own_face_confidence=0.8)
+    # Four-point landmarks (eyes, nose tip, mouth centre) of small faces inside the 4x4 images.
+    template = torch.tensor([[1.2, 1.6], [2.6, 1.5], [2.0, 2.4], [2.0, 3.3]])
+    landmarks = torch.stack([template, template + 0.2, template.flip(1), template])
+    aligned = losses.alignment_batch_loss(**inputs, weights=weights, landmarks=landmarks)
+    unaligned = losses.alignment_batch_loss(**inputs, weights=weights)
+    images, reference = inputs["images"].detach(), inputs["reference"]
+    faces = inputs["face_embedder"](align_faces(images[:2], landmarks[:2], 4)).detach()
+    own = hand_cosine_distance(faces[:1], reference.face_embeddings[:1])[0]
+    nearest = min(hand_cosine_distance(faces[1:2], inputs["face_bank"][j:j + 1])[0] for j in range(5))
+    assert aligned.parts["face_realism"].item() == pytest.approx(own + nearest, rel=1e-5)
+    assert aligned.total.item() == pytest.approx((aligned.parts["dal"].item() + own + nearest) / 4, rel=1e-5)
+    assert aligned.parts["dal"].item() == unaligned.parts["dal"].item()
+    assert aligned.parts["face_realism"].item() != pytest.approx(unaligned.parts["face_realism"].item(), rel=1e-3)
+    aligned.total.backward()
+    assert inputs["images"].grad[:2].abs().sum() > 0 and inputs["images"].grad[2:].abs().sum() == 0
+
+
+def test_loss_weights_refuse_unknown_rules():
+    base = dict(weight_loss_img=8.0, weight_loss_face=0.5, image_change_factor=0.2, attribute_change_factors={},
+                face_region_factor=0.2, own_face_confidence=0.8)
+    with pytest.raises(ValueError, match="faceless_image_weight must be one of"):
+        losses.LossWeights(**base, faceless_image_weight="zero")
+    with pytest.raises(ValueError, match="face_realism_images must be one of"):
+        losses.LossWeights(**base, face_realism_images="all")
+
+
 def test_loss_weights_come_from_the_configs_fields_of_the_same_names():
     from diffusers_fair.training.config import FairTrainingConfig
 
@@ -297,3 +439,8 @@ def test_loss_weights_come_from_the_configs_fields_of_the_same_names():
     assert weights == losses.LossWeights(
         weight_loss_img=3.0, weight_loss_face=config.weight_loss_face, image_change_factor=config.image_change_factor,
         attribute_change_factors={"gender": 0.5}, face_region_factor=config.face_region_factor, own_face_confidence=0.8)
+    joint = FairTrainingConfig.toy(attribute_face_region_factors={"race": 0.3}, face_realism_images="every_face",
+                                   faceless_image_weight="smallest_change_factor")
+    weights = losses.LossWeights.from_config(joint)
+    assert weights.attribute_face_region_factors == {"race": 0.3}
+    assert (weights.face_realism_images, weights.faceless_image_weight) == ("every_face", "smallest_change_factor")

@@ -10,6 +10,11 @@ Conventions shared by all of them:
   gives after ``(x / 2 + 0.5).clamp(0, 1)``). Each model does its own resizing and normalisation
   with differentiable tensor ops, so gradients flow back to the generated image.
 * Face boxes are ``(B, 4)`` float tensors ``(x0, y0, x1, y1)`` in pixel coordinates of the image.
+* Face landmarks, where a detector gives them, are ``(B, P, 2)`` float tensors of ``(x, y)`` points
+  in the same coordinates (pixel ``i`` spans ``[i, i + 1)``), in the order of
+  ``method.face_alignment``'s templates: ``P = 5`` for (image-left eye, image-right eye, nose tip,
+  left mouth corner, right mouth corner) or ``P = 4`` for (image-left eye, image-right eye, nose
+  tip, mouth centre).
 """
 
 from __future__ import annotations
@@ -29,17 +34,26 @@ class FaceDetection:
         boxes: ``(B, 4)`` float tensor ``(x0, y0, x1, y1)`` in pixels; zeros where no face was found.
         found: ``(B,)`` bool tensor, ``True`` where a face was detected.
         scores: ``(B,)`` float tensor, the detector's confidence (0 where no face was found).
+        landmarks: ``(B, P, 2)`` float tensor of the face's landmarks (``P`` = 4 or 5, see the module
+            docstring; zeros where no face was found), or ``None`` when the detector gives none.
     """
 
     boxes: torch.Tensor
     found: torch.Tensor
     scores: torch.Tensor
+    landmarks: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.boxes.ndim != 2 or self.boxes.shape[1] != 4:
             raise ValueError(f"boxes must have shape (B, 4), got {tuple(self.boxes.shape)}")
         if self.found.shape != self.boxes.shape[:1] or self.scores.shape != self.boxes.shape[:1]:
             raise ValueError("found and scores must have shape (B,) matching boxes")
+        if self.landmarks is not None and (
+            self.landmarks.ndim != 3 or self.landmarks.shape[0] != self.boxes.shape[0]
+            or self.landmarks.shape[1] not in (4, 5) or self.landmarks.shape[2] != 2
+        ):
+            raise ValueError(f"landmarks must have shape (B, 4 or 5, 2) matching boxes, "
+                             f"got {tuple(self.landmarks.shape)}")
 
 
 class FaceDetector(ABC):

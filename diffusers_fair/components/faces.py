@@ -11,7 +11,11 @@ The trainer (on the finetuned model's images, with gradient, and on the frozen m
 3. **Crop** the squares out of the images, resized to the model's ``input_size``
    (``method.boxes.crop_faces``). The crop is differentiable, so a loss on the classifier's logits
    reaches the pixels of the image, and only through the crop.
-4. **Classify** the crops; with a face embedder, **embed** them too (the face-realism loss).
+4. **Classify** the crops; with a face embedder, **embed** them too (the face-realism loss). With
+   ``align_faces=True`` the face embedder reads each face warped onto the five-point face template
+   from the detector's landmarks instead (``method.face_alignment``), as face-recognition networks
+   are trained on aligned faces. A detector that gives no landmarks (the toy world's) leaves the
+   embedder's crops unaligned.
 
 Images without a face get zero rows, and no gradient reaches them.
 """
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..method.boxes import crop_faces, expand_boxes
+from ..method.face_alignment import align_faces as align_to_template
 
 
 __all__ = ["FaceReading", "read_faces"]
@@ -42,6 +47,8 @@ class FaceReading:
             the images' gradient through the crop.
         face_embeddings: ``(B, D)`` float32 face embeddings (zeros where no face), or ``None`` when
             no face embedder was given or no image has a face.
+        landmarks: ``(B, P, 2)`` float32, the detector's face landmarks (zeros where none), or ``None``
+            when the detector gives none.
     """
 
     found: torch.Tensor
@@ -50,6 +57,7 @@ class FaceReading:
     crop_boxes: torch.Tensor
     logits: dict[str, torch.Tensor]
     face_embeddings: torch.Tensor | None = None
+    landmarks: torch.Tensor | None = None
 
 
 def _device_of(model, default: torch.device) -> torch.device:
@@ -66,6 +74,12 @@ def _read_crops(model, images: torch.Tensor, crop_boxes: torch.Tensor, index: to
     return model(crop_faces(images[index].to(device), crop_boxes[index].to(device), model.input_size))
 
 
+def _read_aligned(model, images: torch.Tensor, landmarks: torch.Tensor, index: torch.Tensor):
+    """``model`` on the faces of rows ``index`` aligned to the face template (``model.input_size``)."""
+    device = _device_of(model, images.device)
+    return model(align_to_template(images[index].to(device), landmarks[index].to(device), model.input_size))
+
+
 def _scatter(rows: torch.Tensor, index: torch.Tensor, num_images: int, device: torch.device) -> torch.Tensor:
     """``(num_images, D)`` float32 zeros with ``rows`` at ``index`` (differentiable in ``rows``)."""
     full = torch.zeros(num_images, rows.shape[1], dtype=torch.float32, device=device)
@@ -73,7 +87,7 @@ def _scatter(rows: torch.Tensor, index: torch.Tensor, num_images: int, device: t
 
 
 def read_faces(images: torch.Tensor, detector, classifier, *, crop_factor: float = 1.0,
-               face_embedder=None) -> FaceReading:
+               face_embedder=None, align_faces: bool = False) -> FaceReading:
     """Detect the largest face of each image, crop it with gradient and classify it (see the module doc).
 
     Runs under the caller's grad mode (detection never has gradient). The detector, the classifier
@@ -86,6 +100,8 @@ def read_faces(images: torch.Tensor, detector, classifier, *, crop_factor: float
         classifier: an ``AttributeClassifier`` (``attributes``, ``input_size``; crops -> logits per attribute).
         crop_factor: the side of the square crop in units of the detector box's longer side.
         face_embedder: a ``FaceEmbedder`` (``input_size``; crops -> ``(n, D)``), or ``None``.
+        align_faces: the face embedder reads faces aligned to the face template from the detector's
+            landmarks; without landmarks it reads the square crops, as with ``False``.
 
     Returns:
         A :class:`FaceReading`.
@@ -108,12 +124,18 @@ def read_faces(images: torch.Tensor, detector, classifier, *, crop_factor: float
 
     logits = {name: torch.zeros(num_images, len(classes), dtype=torch.float32, device=device)
               for name, classes in classifier.attributes.items()}
+    landmarks = None
+    if detection.landmarks is not None:
+        landmarks = torch.where(found[:, None, None], detection.landmarks.to(device).float(), 0.0)
     face_embeddings = None
     if index.numel() > 0:
         read = _read_crops(classifier, images, crop_boxes, index)
         logits = {name: _scatter(read[name], index, num_images, device) for name in logits}
         if face_embedder is not None:
-            embedded = _read_crops(face_embedder, images, crop_boxes, index)
+            if align_faces and landmarks is not None:
+                embedded = _read_aligned(face_embedder, images, landmarks, index)
+            else:
+                embedded = _read_crops(face_embedder, images, crop_boxes, index)
             face_embeddings = _scatter(embedded, index, num_images, device)
     return FaceReading(found=found, boxes=boxes, scores=detection.scores.to(device).float(), crop_boxes=crop_boxes,
-                       logits=logits, face_embeddings=face_embeddings)
+                       logits=logits, face_embeddings=face_embeddings, landmarks=landmarks)

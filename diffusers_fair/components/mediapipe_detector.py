@@ -25,6 +25,13 @@ for prompts with small faces use ``model="full_range"``.
 Detection runs on 8-bit copies of the images without gradients; the differentiable part is the
 crop, :func:`diffusers_fair.method.boxes.crop_faces`, which samples the returned boxes from the
 grad-carrying batch in one batched call.
+
+Landmarks. BlazeFace gives six keypoints per face: the two eyes, the nose tip, the mouth centre and
+the two ear tragions (its "right eye" is the subject's, on the image's left). ``detect`` returns
+the first four as ``FaceDetection.landmarks`` in the order of the four-point face template
+(image-left eye, image-right eye, nose tip, mouth centre; ``method.face_alignment``), which the
+face-realism loss can align faces to; the ear tragions are left out, as the five-point template of
+face-recognition crops has no ears.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch
 
 from ..method.boxes import expand_boxes
 from .base import FaceDetection, FaceDetector
+
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(__file__), "models", "face_detection_short_range.tflite")
 
@@ -130,9 +138,18 @@ class MediaPipeFaceDetector(FaceDetector):
 
     def faces_in(self, image: np.ndarray) -> list[tuple[float, float, float, float, float]]:
         """All faces in one ``(H, W, 3)`` uint8 RGB image as ``(x0, y0, x1, y1, score)`` in pixels."""
+        return [face for face, _ in self.faces_and_landmarks_in(image)]
+
+    def faces_and_landmarks_in(self, image: np.ndarray) -> list[tuple[tuple[float, ...], np.ndarray]]:
+        """All faces in one ``(H, W, 3)`` uint8 RGB image: ``((x0, y0, x1, y1, score), landmarks)``.
+
+        ``landmarks`` is a ``(4, 2)`` float array in pixels: image-left eye, image-right eye, nose tip,
+        mouth centre (see the module docstring).
+        """
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         image = np.ascontiguousarray(image)
+        height, width = image.shape[:2]
         faces = []
         if self.config.model == "short_range":
             result = self._detector.detect(self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=image))
@@ -140,14 +157,17 @@ class MediaPipeFaceDetector(FaceDetector):
                 box = detection.bounding_box
                 score = detection.categories[0].score if detection.categories else 0.0
                 x0, y0 = float(box.origin_x), float(box.origin_y)
-                faces.append((x0, y0, x0 + box.width, y0 + box.height, float(score)))
+                points = [(k.x, k.y) for k in detection.keypoints or []]
+                faces.append(((x0, y0, x0 + box.width, y0 + box.height, float(score)),
+                              _landmarks(points, width, height)))
         else:
-            height, width = image.shape[:2]
             result = self._detector.process(image)
             for detection in result.detections or []:
                 box = detection.location_data.relative_bounding_box
                 x0, y0 = box.xmin * width, box.ymin * height
-                faces.append((x0, y0, x0 + box.width * width, y0 + box.height * height, float(detection.score[0])))
+                points = [(k.x, k.y) for k in detection.location_data.relative_keypoints]
+                faces.append(((x0, y0, x0 + box.width * width, y0 + box.height * height, float(detection.score[0])),
+                              _landmarks(points, width, height)))
         return faces
 
     def detect(self, images: torch.Tensor) -> FaceDetection:
@@ -160,11 +180,14 @@ class MediaPipeFaceDetector(FaceDetector):
             :class:`FaceDetection` on the images' device; boxes are zeros where no face was found.
         """
         pixels = images_to_uint8(images)
-        detection = largest([self.faces_in(image) for image in pixels], device=images.device)
+        per_image = [self.faces_and_landmarks_in(image) for image in pixels]
+        detection = largest([[face for face, _ in faces] for faces in per_image], device=images.device,
+                            landmarks=[[points for _, points in faces] for faces in per_image])
         image_size = tuple(images.shape[-2:]) if self.config.shift_inside else None
         boxes = expand_boxes(detection.boxes, self.config.box_expansion, image_size)
         boxes = torch.where(detection.found[:, None], boxes, torch.zeros_like(boxes))
-        return FaceDetection(boxes=boxes, found=detection.found, scores=detection.scores)
+        return FaceDetection(boxes=boxes, found=detection.found, scores=detection.scores,
+                             landmarks=detection.landmarks)
 
     def close(self) -> None:
         """Release MediaPipe's graph (also done when the detector is garbage collected)."""
@@ -185,23 +208,41 @@ class MediaPipeFaceDetector(FaceDetector):
             pass
 
 
-def largest(detections: list[list[tuple[float, float, float, float, float]]], device=None) -> FaceDetection:
+def _landmarks(points: list[tuple[float, float]], width: int, height: int) -> np.ndarray:
+    """The four-point landmarks in pixels from BlazeFace's relative keypoints (the first four of six)."""
+    if len(points) < 4:
+        raise ValueError(f"BlazeFace gave {len(points)} keypoints for a face; at least 4 are needed")
+    return np.array(points[:4], dtype=np.float64) * np.array([width, height], dtype=np.float64)
+
+
+def largest(detections: list[list[tuple[float, float, float, float, float]]], device=None,
+            landmarks: list[list[np.ndarray]] | None = None) -> FaceDetection:
     """Keep the largest box of each image.
 
     Args:
         detections: per image, a list of ``(x0, y0, x1, y1, score)`` (possibly empty).
+        landmarks: per image, the ``(P, 2)`` landmarks of each face of ``detections``, or ``None``.
 
     Returns:
-        A :class:`FaceDetection` with one box per image.
+        A :class:`FaceDetection` with one box per image (and the kept face's landmarks, zeros where
+        no face was found, when ``landmarks`` is given).
     """
     boxes = torch.zeros(len(detections), 4)
     scores = torch.zeros(len(detections))
     found = torch.zeros(len(detections), dtype=torch.bool)
+    points = None
+    if landmarks is not None:
+        num_points = next((len(p) for faces in landmarks for p in faces), 4)
+        points = torch.zeros(len(detections), num_points, 2)
     for i, faces in enumerate(detections):
         if not faces:
             continue
-        x0, y0, x1, y1, score = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
+        kept = max(range(len(faces)), key=lambda j: (faces[j][2] - faces[j][0]) * (faces[j][3] - faces[j][1]))
+        x0, y0, x1, y1, score = faces[kept]
         boxes[i] = torch.tensor([x0, y0, x1, y1])
         scores[i] = score
         found[i] = True
-    return FaceDetection(boxes=boxes.to(device), found=found.to(device), scores=scores.to(device))
+        if points is not None:
+            points[i] = torch.as_tensor(landmarks[i][kept], dtype=torch.float32)
+    return FaceDetection(boxes=boxes.to(device), found=found.to(device), scores=scores.to(device),
+                         landmarks=points.to(device) if points is not None else None)

@@ -39,6 +39,15 @@ follow a multinomial distribution. Three ways to take the expectation:
 * **Monte Carlo** (``num_samples=S``). Draw ``S`` label vectors, solve each assignment exactly,
   average. Draws with the same counts are solved once.
 
+The cost (``cost=``). ``"squared"`` (the default) is the squared distance ``|p_i - u_j|^2`` of the
+paper's eq. 4. ``"euclidean"`` is the plain distance ``|p_i - u_j|``, the cost of the authors' code
+for its race and joint targets (``ot.dist(..., metric="euclidean")`` in
+``exp-6-debias-race/1-main-debias.py``, line 1461; the square root of the summed squared distances in
+``exp-3-debias-gender-race/1-main-debias.py``, line 1523). Both rank the images of a two-class
+target the same way (for ``p = (1 - x, x)`` the squared costs are ``2x^2, 2(1 - x)^2`` and the
+plain ones ``sqrt(2) x, sqrt(2) (1 - x)``), so their two-class targets are equal; with more classes
+the optimal assignments, and so the targets, can differ.
+
 Ties. Images whose cost rows differ only by a constant (for probability vectors: identical
 ``p_i``) are interchangeable in every assignment; they share the average of their rows, which is
 the expectation under a uniformly random tie-break, so permuting the images permutes the rows of
@@ -50,7 +59,9 @@ Intersectional (joint) targets
 ------------------------------
 For a joint target over several attributes (gender x race), the classes are the cells (tuples of
 one class per attribute). Pass ``probs`` as a dict ``{attribute: (N, K_attr)}``; the cost of
-assigning image ``i`` to a cell is the sum over attributes of ``|p_attr,i - onehot(cell_attr)|^2``.
+assigning image ``i`` to a cell is the sum over attributes of ``|p_attr,i - onehot(cell_attr)|^2``
+(with ``cost="euclidean"`` its square root: the distance between the concatenated probability
+vectors and the cell's concatenated one-hot vectors).
 :func:`marginalize` turns the cell targets back into one target per attribute, and the loss is the
 sum over attributes of the cross-entropy toward those marginal targets.
 
@@ -70,6 +81,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .targets import SUM_TOLERANCE, TargetDistribution
 
+
 Probs = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 # Exact enumeration solves one assignment per count vector; above this many, ask for Monte Carlo.
@@ -80,6 +92,9 @@ PROBS_ROW_TOLERANCE = 1e-3
 
 _REDUCTIONS = ("mean", "sum", "none")
 
+# The transport cost between a probability vector and a one-hot label (see "The cost" above).
+OT_COSTS = ("squared", "euclidean")
+
 
 # --------------------------------------------------------------------------- public API
 def expected_ot_targets(
@@ -88,6 +103,7 @@ def expected_ot_targets(
     *,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    cost: str = "squared",
 ) -> torch.Tensor:
     """Expected optimal-transport targets ``q`` for a batch (see the module docstring).
 
@@ -102,29 +118,35 @@ def expected_ot_targets(
             ``N <= 12``), and otherwise a ``ValueError``. An integer gives a Monte Carlo estimate
             from that many label draws, each solved exactly.
         generator: CPU ``torch.Generator`` for the Monte Carlo draws (reproducible estimates).
+        cost: ``"squared"`` (``|p_i - u_j|^2``, the paper's eq. 4) or ``"euclidean"`` (``|p_i - u_j|``).
 
     Returns:
         ``q``: ``(N, K)`` tensor (``K`` = number of cells for a joint target) on the device of
         ``probs``; ``q[i, k]`` is the probability that image ``i`` is assigned class ``k``.
         Rows sum to 1. No gradient flows through ``q``.
+
+    Raises:
+        ValueError: on probabilities that are not ``(N, K)`` rows on the simplex, a target that does
+            not match them, a bad ``num_samples`` or ``cost``, or an exact computation that is too large.
     """
-    cost, r, device, dtype = _cost_and_target(probs, target)
+    _check_cost(cost)
+    matrix, r, device, dtype = _cost_and_target(probs, target, cost)
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
     ):
         raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
     # Classes of probability 0 never appear among the labels: solve on the others only.
     support = torch.nonzero(r > 0).flatten()
-    cost_s, r_s = cost[:, support], r[support]
+    cost_s, r_s = matrix[:, support], r[support]
     if support.numel() == 1:
-        q_s = torch.ones(cost.shape[0], 1, dtype=torch.float64)
+        q_s = torch.ones(matrix.shape[0], 1, dtype=torch.float64)
     elif num_samples is not None:
         q_s = _monte_carlo(cost_s, r_s, num_samples, generator)
     elif support.numel() == 2:
         q_s = _two_class_closed_form(cost_s, float(r_s[1]))
     else:
         q_s = _exact_enumeration(cost_s, r_s)
-    q = torch.zeros(cost.shape, dtype=torch.float64)
+    q = torch.zeros(matrix.shape, dtype=torch.float64)
     q[:, support] = _average_interchangeable_images(q_s, cost_s)
     return q.to(device=device, dtype=dtype)
 
@@ -152,16 +174,18 @@ def dynamic_targets(
     threshold: float = 0.8,
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
+    cost: str = "squared",
 ):
     """Per-image target classes, their confidence, and which images to keep.
 
     Returns ``(labels, confidence, keep)``: ``labels = argmax q`` (long ``(N,)``),
     ``confidence = max q`` and ``keep = confidence >= threshold`` (bool ``(N,)``). With a dict
     ``probs`` (joint target) each of the three is a dict ``{attribute: tensor}`` computed from the
-    marginalised cell targets, so every attribute has its own labels and confidences.
+    marginalised cell targets, so every attribute has its own labels and confidences. ``cost`` is
+    the transport cost of :func:`expected_ot_targets`.
     """
     _check_threshold(threshold)
-    q = expected_ot_targets(probs, target, num_samples=num_samples, generator=generator)
+    q = expected_ot_targets(probs, target, num_samples=num_samples, generator=generator, cost=cost)
     if isinstance(probs, Mapping):
         per_attribute = marginalize(q, target)
         labels, confidence, keep = {}, {}, {}
@@ -181,6 +205,7 @@ def distributional_alignment_loss(
     num_samples: int | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "mean",
+    cost: str = "squared",
 ) -> torch.Tensor:
     """The distributional alignment loss (DAL) of a batch.
 
@@ -190,7 +215,7 @@ def distributional_alignment_loss(
 
     Args:
         logits: ``(N, K)`` classifier logits with gradient, or ``{attribute: (N, K_attr)}``.
-        target, threshold, num_samples, generator: as in :func:`dynamic_targets`.
+        target, threshold, num_samples, generator, cost: as in :func:`dynamic_targets`.
         reduction: ``"mean"`` (over kept images; 0 with zero gradient when none is kept),
             ``"sum"``, or ``"none"`` (per image, 0 for dropped images).
     """
@@ -201,7 +226,7 @@ def distributional_alignment_loss(
     else:
         probs = torch.softmax(logits.detach().float(), dim=-1)
     labels, _, keep = dynamic_targets(
-        probs, target, threshold=threshold, num_samples=num_samples, generator=generator
+        probs, target, threshold=threshold, num_samples=num_samples, generator=generator, cost=cost
     )
     if isinstance(logits, Mapping):
         losses = [kept_cross_entropy(logits[a], labels[a], keep[a], reduction) for a in labels]
@@ -235,7 +260,7 @@ def kept_cross_entropy(
 
 
 # --------------------------------------------------------------------------- inputs
-def _cost_and_target(probs: Probs, target):
+def _cost_and_target(probs: Probs, target, cost: str):
     """Validate the inputs; return the ``(N, K)`` float64 CPU cost matrix and target vector ``r``."""
     if isinstance(probs, Mapping):
         if not isinstance(target, TargetDistribution):
@@ -252,8 +277,8 @@ def _cost_and_target(probs: Probs, target):
                 raise ValueError("all attributes in probs must have the same number of images")
             per_attribute.append(_squared_distances_to_one_hots(p))
         cell_index = target.cell_class_indices()
-        cost = sum(c[:, cell_index[:, a]] for a, c in enumerate(per_attribute))
-        return cost, target.probs.clone(), first.device, _float_dtype(first)
+        squared = sum(c[:, cell_index[:, a]] for a, c in enumerate(per_attribute))
+        return _transport_cost(squared, cost), target.probs.clone(), first.device, _float_dtype(first)
 
     if isinstance(target, TargetDistribution):
         r = target.probs.clone()
@@ -268,7 +293,7 @@ def _cost_and_target(probs: Probs, target):
     if not isinstance(probs, torch.Tensor):
         raise ValueError(f"probs must be a tensor or a dict of tensors, got {type(probs).__name__}")
     p = _check_probs(probs, r.numel(), "probs")
-    return _squared_distances_to_one_hots(p), r, probs.device, _float_dtype(probs)
+    return _transport_cost(_squared_distances_to_one_hots(p), cost), r, probs.device, _float_dtype(probs)
 
 
 def _check_probs(probs: torch.Tensor, num_classes: int, what: str) -> torch.Tensor:
@@ -287,6 +312,19 @@ def _check_probs(probs: torch.Tensor, num_classes: int, what: str) -> torch.Tens
 def _squared_distances_to_one_hots(p: torch.Tensor) -> torch.Tensor:
     """``(N, K)``: ``|p_i - e_k|^2 = |p_i|^2 - 2 p_ik + 1``."""
     return (p * p).sum(dim=1, keepdim=True) - 2 * p + 1
+
+
+def _transport_cost(squared: torch.Tensor, cost: str) -> torch.Tensor:
+    """The cost matrix from the squared distances: themselves, or their square roots."""
+    if cost == "squared":
+        return squared
+    # Rounding can leave a distance to a point's own one-hot vector a hair below 0.
+    return squared.clamp(min=0.0).sqrt()
+
+
+def _check_cost(cost: str) -> None:
+    if cost not in OT_COSTS:
+        raise ValueError(f"cost must be one of {', '.join(map(repr, OT_COSTS))}, got {cost!r}")
 
 
 def _float_dtype(tensor: torch.Tensor) -> torch.dtype:

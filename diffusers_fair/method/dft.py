@@ -28,6 +28,15 @@ scalar: ``dz_0 / d eps_k = a_k * I``. With ``g = dL/dz_0`` the adjusted gradient
 with ``s_k = sign(a_k)`` (``standardize=True``: every step gets the same weight, keeping the
 direction of the true path) or ``s_k = a_k`` (``standardize=False``, the unstandardised variant).
 
+Standardised step weights (``step_weights``). ``"unit"`` (the default) is the paper's ``|A_t| = 1``:
+``s_k = sign(a_k)``. ``"authors"`` reproduces the authors' code, which multiplies the gradient
+reaching each noise prediction by ``c_t = sqrt(abar_t) sqrt(1 - abar_t) / (1 - alpha_t)`` at the
+step's timestep ``t``, normalised by the geometric mean of the ``c`` over the steps
+(:func:`ddpm_step_factors`): ``s_k = a_k c_k / (prod_j c_j)^(1/T)``. ``1 / c_t`` is ``|A_t|`` of a
+*DDPM* step at ``t`` (the paper's eq. 9), so the factors standardise a DDPM chain; the ``a_k`` of a
+20-step DPM-Solver++ chain are another solver's, and ``|s_k|`` is not constant (for Stable Diffusion
+1.5's noise schedule: 0.22 at the first step, 0.36-0.40 in the middle, 0.71-0.74 at the last two).
+
 Three ways to compute it (``mode``)
 -----------------------------------
 * ``"naive"``: autograd through the whole chain. The exact gradient; memory grows with ``T``.
@@ -67,14 +76,19 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "DFTResult",
+    "STEP_WEIGHTS",
     "SUPPORTED_SCHEDULERS",
     "adjusted_backward",
     "check_scheduler",
+    "ddpm_step_factors",
     "sample_latents",
     "step_coefficients",
 ]
 
 MODES = ("two_pass", "one_graph", "naive")
+
+# How the standardised adjusted gradient weights each step (see "Standardised step weights" above).
+STEP_WEIGHTS = ("unit", "authors")
 
 # Scheduler classes whose deterministic step is linear in (sample, model_output).
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler")
@@ -95,8 +109,9 @@ class DFTResult:
         loss: ``loss_fn(z_0)``, detached.
         coefficients: ``a_k = dz_0 / d(model_output_k)`` for each sampling step (float64, CPU), the
             scalar path from step ``k``'s model output to ``z_0`` with U-Net inputs held constant.
-        scales: the multipliers ``s_k`` applied to ``dL/dz_0`` for each step: ``sign(a_k)`` or
-            ``a_k``; ``None`` for ``mode="naive"``, which uses the exact chain.
+        scales: the multipliers ``s_k`` applied to ``dL/dz_0`` for each step: ``sign(a_k)``,
+            ``a_k * ddpm_step_factors(...)[k]`` (``step_weights="authors"``) or ``a_k``
+            (``standardize=False``); ``None`` for ``mode="naive"``, which uses the exact chain.
         timesteps: the scheduler timesteps of the steps, in sampling order (CPU).
         stats: what ``loss_fn`` returned besides the loss (``loss_fn(z_0) -> (loss, stats)``), or
             ``None`` when it returned the loss alone: how a loss reports its parts to the caller.
@@ -205,6 +220,42 @@ def step_coefficients(scheduler, num_inference_steps: int) -> torch.Tensor:
         _COEFFICIENT_CACHE.pop(next(iter(_COEFFICIENT_CACHE)))
     _COEFFICIENT_CACHE[key] = a.clone()
     return a
+
+
+def ddpm_step_factors(scheduler, num_inference_steps: int) -> torch.Tensor:
+    """Return the factors ``f_k = c_k / (prod_j c_j)^(1/T)`` of ``step_weights="authors"``, one per step.
+
+    ``c_k = sqrt(abar_t) sqrt(1 - abar_t) / (1 - alpha_t)`` at the step's timestep ``t``, from the
+    scheduler's ``alphas_cumprod`` and ``alphas``: the inverse of ``|A_t|`` of a DDPM step at ``t``.
+    The result is float64 on the CPU, shape ``(T,)``, with a geometric mean of 1.
+
+    Raises:
+        ValueError: if the scheduler has no ``alphas_cumprod`` / ``alphas``, or its timesteps are not
+            whole numbers (e.g. ``EulerDiscreteScheduler`` with ``timestep_spacing="linspace"``).
+    """
+    fresh = _fresh_scheduler(scheduler, num_inference_steps, "cpu")
+    name = type(scheduler).__name__
+    if getattr(fresh, "alphas_cumprod", None) is None or getattr(fresh, "alphas", None) is None:
+        raise ValueError(f"step_weights='authors' needs a scheduler with alphas_cumprod and alphas; {name} has none")
+    timesteps = fresh.timesteps.to(torch.float64)
+    if not torch.equal(timesteps, timesteps.round()):
+        raise ValueError(f"step_weights='authors' needs whole-number timesteps; {name} with this config gives "
+                         f"{timesteps[:3].tolist()}...: use DDIM or DPM-Solver, or timestep_spacing='leading'")
+    index = timesteps.long()
+    abar = fresh.alphas_cumprod.to(torch.float64)[index]
+    alpha = fresh.alphas.to(torch.float64)[index]
+    c = abar.sqrt() * (1 - abar).sqrt() / (1 - alpha)
+    return c / torch.exp(torch.log(c).mean())
+
+
+def _step_scales(scheduler, num_inference_steps: int, coefficients: torch.Tensor, standardize: bool,
+                 step_weights: str) -> torch.Tensor:
+    """The multipliers ``s_k`` of ``dL/dz_0`` for each step (see "Standardised step weights")."""
+    if not standardize:
+        return coefficients.clone()
+    if step_weights == "unit":
+        return torch.sign(coefficients)
+    return coefficients * ddpm_step_factors(scheduler, num_inference_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,6 +482,7 @@ def adjusted_backward(
     negative_prompt_embeds: torch.Tensor | None = None,
     mode: str = "two_pass",
     standardize: bool = True,
+    step_weights: str = "unit",
     unet_kwargs: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> DFTResult:
@@ -457,7 +509,11 @@ def adjusted_backward(
         negative_prompt_embeds: embeddings of the negative (e.g. empty) prompt; needed when ``w > 1``.
         mode: ``"two_pass"`` (adjusted, memory flat in ``T``), ``"one_graph"`` (adjusted, one graph with
             gradient hooks), or ``"naive"`` (the exact gradient through the whole chain).
-        standardize: adjusted modes only: ``s_k = sign(a_k)`` if True, else ``s_k = a_k``.
+        standardize: adjusted modes only: standardised step weights (``step_weights``) if True, else
+            ``s_k = a_k``.
+        step_weights: with ``standardize=True``: ``"unit"`` (``s_k = sign(a_k)``, the paper's
+            ``|A_t| = 1``) or ``"authors"`` (``s_k = a_k * ddpm_step_factors(scheduler, T)[k]``, the
+            authors' code); see the module docstring.
         unet_kwargs: extra keyword arguments for every U-Net call (``cross_attention_kwargs``,
             ``added_cond_kwargs``...).
         progress: show a progress bar over the steps.
@@ -465,16 +521,27 @@ def adjusted_backward(
     Returns:
         :class:`DFTResult` with the detached ``z_0`` and loss, the per-step coefficients and the
         loss's ``stats``.
+
+    Raises:
+        ValueError: on an unknown ``mode`` or ``step_weights``, ``step_weights="authors"`` with
+            ``standardize=False``, an unsupported scheduler or inputs of the wrong shapes.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(standardize, bool):
         raise TypeError(f"standardize must be a bool, got {standardize!r}")
+    if step_weights not in STEP_WEIGHTS:
+        raise ValueError(f"step_weights must be one of {STEP_WEIGHTS}, got {step_weights!r}")
+    if step_weights == "authors" and not standardize:
+        raise ValueError("step_weights='authors' is a standardisation of the step weights; "
+                         "use it with standardize=True")
     _validate_inputs(scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, num_inference_steps)
     unet_kwargs = dict(unet_kwargs or {})
 
     coefficients = step_coefficients(scheduler, num_inference_steps)
-    scales = torch.sign(coefficients) if standardize else coefficients.clone()
+    scales = None  # the exact gradient (mode="naive") has no step weights
+    if mode != "naive":
+        scales = _step_scales(scheduler, num_inference_steps, coefficients, standardize, step_weights)
     timesteps = _fresh_scheduler(scheduler, num_inference_steps, "cpu").timesteps
 
     common = (unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
@@ -485,6 +552,5 @@ def adjusted_backward(
         z0, loss, stats = _one_graph(*common, coefficients, scales, progress)
     else:
         z0, loss, stats = _naive(*common, progress)
-        scales = None
     return DFTResult(latents=z0, loss=loss.detach(), coefficients=coefficients, scales=scales, timesteps=timesteps,
                      stats=stats)

@@ -13,16 +13,22 @@ Face realism (:func:`face_realism_loss`)
     Pushing a classifier's decision can turn a face into an adversarial, unnatural one. So the
     generated face's embedding (a face-recognition network) is pulled toward a real face: the
     nearest face of a reference set of real faces, or, when the original image already shows
-    the target class, the original image's own face.
+    the target class, the original image's own face. It applies to the faces with at least one
+    kept target (``face_realism_images="kept_target"``) or to every detected face
+    (``"every_face"``, the authors' joint runs). The faces are read from the detector's square
+    crops, or aligned to the face template from the detector's landmarks (``method.face_alignment``).
 
 Dynamic weights (:func:`dynamic_image_weights`, :func:`face_region_factors`)
     An image whose target class equals its original class should not change: its semantics
     loss gets the full weight ``lambda_img``. An image that must change gets
     ``lambda_img * factor`` (0.2), and inside its face region the semantics gradient is scaled
     by a further factor (0.2, :func:`scale_region_gradient`), so the face is free to change while
-    the rest of the image stays. With several attributes, the smallest factor among the
-    attributes that must change applies. An uncertain target (confidence below the threshold)
-    counts as "may change"; an image without a face only gets the semantics loss, at full weight.
+    the rest of the image stays. Both factors can be set per attribute, and with several
+    attributes the smallest factor among the attributes that must change applies. An uncertain
+    target (confidence below the threshold) counts as "may change". An image without a face only
+    gets the semantics loss: at full weight (``faceless_image_weight="full"``), or, as the authors'
+    code does in its joint runs, at the smallest change factor of the attributes
+    (``"smallest_change_factor"``).
 
 The total (:func:`combined_loss`) is a mean over the images of the batch::
 
@@ -43,17 +49,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
 from .alignment import MAX_EXACT_COUNT_VECTORS, dynamic_targets, kept_cross_entropy
 from .boxes import crop_faces
+from .face_alignment import align_faces
 from .targets import TargetDistribution
 
 
 __all__ = [
+    "FACELESS_IMAGE_WEIGHTS",
+    "FACE_REALISM_IMAGES",
     "BatchLoss",
     "LossWeights",
     "ReferenceImages",
@@ -74,6 +83,13 @@ __all__ = [
     "needs_change",
     "scale_region_gradient",
 ]
+
+
+# The semantics weight of an image without a face (see "Dynamic weights" above).
+FACELESS_IMAGE_WEIGHTS = ("full", "smallest_change_factor")
+
+# The images the face-realism loss applies to (see "Face realism" above).
+FACE_REALISM_IMAGES = ("kept_target", "every_face")
 
 
 # ---------------------------------------------------------------------------- similarity losses
@@ -168,31 +184,58 @@ def already_has_targets(change: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return ~torch.stack([c.bool() for c in change.values()]).any(dim=0)
 
 
+def _smallest_changing_factor(
+    change: Mapping[str, torch.Tensor], found: torch.Tensor, factor: float, attribute_factors: Mapping[str, float]
+) -> torch.Tensor:
+    """``(N,)``: the smallest ``attribute_factors.get(a, factor)`` over the attributes ``a`` that must
+    change in an image with a face; 1 where none must change or there is no face."""
+    factors = torch.ones(found.shape[0], dtype=torch.float32, device=found.device)
+    for attribute, mask in change.items():
+        f = float(attribute_factors.get(attribute, factor))
+        factors = torch.where(mask.bool() & found.bool(), torch.minimum(factors, torch.full_like(factors, f)), factors)
+    return factors
+
+
 def dynamic_image_weights(
     change: Mapping[str, torch.Tensor],
     found: torch.Tensor,
     *,
     factor: float,
     attribute_factors: Mapping[str, float] | None = None,
+    faceless: str = "full",
 ) -> torch.Tensor:
     """Weight ``w_i`` of each image's semantics loss (to be multiplied by ``lambda_img``): ``(N,)``.
 
-    1 where the image has no face or already has all its target classes; otherwise the smallest
-    factor among the attributes that must change (``attribute_factors[a]``, default ``factor``).
+    1 where the image already has all its target classes; otherwise the smallest factor among the
+    attributes that must change (``attribute_factors[a]``, default ``factor``). An image without a
+    face gets 1 (``faceless="full"``) or the smallest factor of all the attributes in ``change``
+    (``faceless="smallest_change_factor"``).
+
+    Raises:
+        ValueError: on an unknown ``faceless``.
     """
+    if faceless not in FACELESS_IMAGE_WEIGHTS:
+        raise ValueError(f"faceless must be one of {FACELESS_IMAGE_WEIGHTS}, got {faceless!r}")
     attribute_factors = attribute_factors or {}
-    weights = torch.ones(found.shape[0], dtype=torch.float32, device=found.device)
-    for attribute, mask in change.items():
-        f = float(attribute_factors.get(attribute, factor))
-        weights = torch.where(mask.bool() & found.bool(), torch.minimum(weights, torch.full_like(weights, f)), weights)
+    weights = _smallest_changing_factor(change, found, factor, attribute_factors)
+    if faceless == "smallest_change_factor":
+        smallest = min(float(attribute_factors.get(attribute, factor)) for attribute in change)
+        weights = torch.where(found.bool(), weights, torch.full_like(weights, smallest))
     return weights
 
 
-def face_region_factors(change: Mapping[str, torch.Tensor], found: torch.Tensor, factor: float) -> torch.Tensor:
-    """Factor on the semantics gradient inside each face region: ``factor`` where a face must
-    change, 1 elsewhere: ``(N,)``."""
-    must_change = found.bool() & ~already_has_targets(change)
-    return torch.where(must_change, torch.full(found.shape, float(factor), device=found.device), torch.ones(found.shape, device=found.device))
+def face_region_factors(
+    change: Mapping[str, torch.Tensor],
+    found: torch.Tensor,
+    factor: float,
+    attribute_factors: Mapping[str, float] | None = None,
+) -> torch.Tensor:
+    """Factor on the semantics gradient inside each face region: ``(N,)``.
+
+    The smallest factor among the attributes that must change (``attribute_factors[a]``, default
+    ``factor``) where a face must change, 1 elsewhere.
+    """
+    return _smallest_changing_factor(change, found, factor, attribute_factors or {})
 
 
 def face_realism_plan(
@@ -202,16 +245,24 @@ def face_realism_plan(
     original_confidence: Mapping[str, torch.Tensor],
     *,
     min_confidence: float,
+    images: str = "kept_target",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which images get the face-realism loss, and which use their original face as reference.
 
     Returns ``(applies, use_own)``: the loss applies to images with a face and at least one kept
-    target; the original face is the reference where the image already has all its target
-    classes and the classifier was confident (``>= min_confidence``) on every attribute of the
-    original face; elsewhere the nearest face of the reference set is.
+    target (``images="kept_target"``), or to every image with a face (``images="every_face"``);
+    the original face is the reference where the image already has all its target classes and
+    the classifier was confident (``>= min_confidence``) on every attribute of the original face;
+    elsewhere the nearest face of the reference set is.
+
+    Raises:
+        ValueError: on an unknown ``images``.
     """
-    any_kept = torch.stack([k.bool() for k in keep.values()]).any(dim=0)
-    applies = found.bool() & any_kept
+    if images not in FACE_REALISM_IMAGES:
+        raise ValueError(f"images must be one of {FACE_REALISM_IMAGES}, got {images!r}")
+    applies = found.bool()
+    if images == "kept_target":
+        applies = applies & torch.stack([k.bool() for k in keep.values()]).any(dim=0)
     confident = torch.stack([c >= min_confidence for c in original_confidence.values()]).all(dim=0)
     use_own = applies & already_has_targets(change) & confident.to(applies.device)
     return applies, use_own
@@ -293,6 +344,7 @@ def batch_dynamic_targets(
     threshold: float,
     monte_carlo_samples: int,
     seed: int,
+    cost: str = "squared",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Dynamic targets of a whole batch (all processes' images) for several target distributions.
 
@@ -304,6 +356,7 @@ def batch_dynamic_targets(
         monte_carlo_samples: label draws when the exact expectation is too expensive (it is exact
             for two classes, and for few count vectors).
         seed: seeds the Monte Carlo draws (target ``t`` uses ``seed + t``).
+        cost: the transport cost, ``"squared"`` or ``"euclidean"`` (``alignment.expected_ot_targets``).
 
     Returns:
         ``(labels, keep, counts)``: attribute -> ``(N,)`` target class (-1 without a face),
@@ -323,7 +376,7 @@ def batch_dynamic_targets(
             exact = support <= 2 or math.comb(index.numel() + support - 1, support - 1) <= MAX_EXACT_COUNT_VECTORS
             generator = torch.Generator().manual_seed(seed + t)
             result = dynamic_targets(batch, target, threshold=threshold, generator=generator,
-                                     num_samples=None if exact else monte_carlo_samples)
+                                     num_samples=None if exact else monte_carlo_samples, cost=cost)
         for attribute in target.attributes:
             device = probs[attribute].device
             labels[attribute] = torch.full((num,), -1, dtype=torch.long, device=device)
@@ -350,6 +403,10 @@ class LossWeights:
         attribute_change_factors: per attribute, a factor that replaces ``image_change_factor``.
         face_region_factor: the further factor on the semantics gradient inside a changing face.
         own_face_confidence: the confidence above which the original face is the realism reference.
+        attribute_face_region_factors: per attribute, a factor that replaces ``face_region_factor``.
+        faceless_image_weight: the semantics weight of an image without a face: ``"full"`` (1) or
+            ``"smallest_change_factor"`` (:func:`dynamic_image_weights`).
+        face_realism_images: ``"kept_target"`` or ``"every_face"`` (:func:`face_realism_plan`).
     """
 
     weight_loss_img: float
@@ -358,6 +415,17 @@ class LossWeights:
     attribute_change_factors: Mapping[str, float]
     face_region_factor: float
     own_face_confidence: float
+    attribute_face_region_factors: Mapping[str, float] = field(default_factory=dict)
+    faceless_image_weight: str = "full"
+    face_realism_images: str = "kept_target"
+
+    def __post_init__(self):
+        if self.faceless_image_weight not in FACELESS_IMAGE_WEIGHTS:
+            raise ValueError(f"faceless_image_weight must be one of {FACELESS_IMAGE_WEIGHTS}, "
+                             f"got {self.faceless_image_weight!r}")
+        if self.face_realism_images not in FACE_REALISM_IMAGES:
+            raise ValueError(f"face_realism_images must be one of {FACE_REALISM_IMAGES}, "
+                             f"got {self.face_realism_images!r}")
 
     @classmethod
     def from_config(cls, config) -> LossWeights:
@@ -426,6 +494,7 @@ def alignment_batch_loss(
     face_bank: torch.Tensor | None,
     weights: LossWeights,
     num_images: int,
+    landmarks: torch.Tensor | None = None,
 ) -> BatchLoss:
     """The method's loss for the images of one micro-batch (see the module docstring).
 
@@ -441,20 +510,27 @@ def alignment_batch_loss(
             that already has its target classes can serve as a reference).
         weights: the loss weights and factors.
         num_images: size of the whole alignment batch, the mean's denominator.
+        landmarks: ``(n, 4 or 5, 2)`` landmarks of the detected faces, or ``None``. With landmarks the
+            face-realism loss reads each face aligned to the face template (``method.face_alignment``),
+            otherwise the crop of its box; the original faces' embeddings should be read the same way.
     """
     original = {a: reference.classes[a] for a in logits}
     change = needs_change(labels, keep, original)
     image_weights = dynamic_image_weights(change, found, factor=weights.image_change_factor,
-                                          attribute_factors=weights.attribute_change_factors)
+                                          attribute_factors=weights.attribute_change_factors,
+                                          faceless=weights.faceless_image_weight)
     dal = dal_per_image(logits, labels, keep)
     semantics = torch.zeros_like(dal)
     if weights.weight_loss_img > 0:
         region = face_region_boxes(boxes, found, reference.boxes, reference.found)
-        scaled = scale_region_gradient(images, region, face_region_factors(change, found, weights.face_region_factor))
+        region_factors = face_region_factors(change, found, weights.face_region_factor,
+                                             weights.attribute_face_region_factors)
+        scaled = scale_region_gradient(images, region, region_factors)
         semantics = image_semantics_loss(scaled, reference.image_embeddings, image_embedders)
     realism = torch.zeros_like(dal)
     applies, use_own = face_realism_plan(found, keep, change, {a: reference.confidence[a] for a in logits},
-                                         min_confidence=weights.own_face_confidence)
+                                         min_confidence=weights.own_face_confidence,
+                                         images=weights.face_realism_images)
     use_own = use_own & reference.found
     if weights.weight_loss_face == 0:
         applies = torch.zeros_like(applies)
@@ -462,7 +538,11 @@ def alignment_batch_loss(
         applies = applies & use_own
     if applies.any():
         index = applies.nonzero().flatten()
-        faces = face_embedder(crop_faces(images[index], boxes[index], face_embedder.input_size))
+        if landmarks is not None:
+            crops = align_faces(images[index], landmarks[index].to(images.device), face_embedder.input_size)
+        else:
+            crops = crop_faces(images[index], boxes[index], face_embedder.input_size)
+        faces = face_embedder(crops)
         own = reference.face_embeddings[index] if reference.face_embeddings is not None else torch.zeros_like(faces)
         realism = realism.index_copy(0, index, face_realism_loss(faces, face_bank, own_embeddings=own, use_own=use_own[index]))
     total = combined_loss(dal, semantics, realism, image_weights=image_weights, realism_applies=applies,

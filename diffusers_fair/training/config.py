@@ -28,6 +28,11 @@ from typing import Any, Literal
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 DFTMode = Literal["two_pass", "one_graph", "naive"]
+DFTStepWeights = Literal["unit", "authors"]
+PromptPadding = Literal["max_length", "natural"]
+OTCost = Literal["squared", "euclidean"]
+FacelessImageWeight = Literal["full", "smallest_change_factor"]
+FaceRealismImages = Literal["kept_target", "every_face"]
 LRSchedule = Literal["constant", "cosine"]
 Sampler = Literal["dpmsolver++", "ddim", "euler", "pipeline"]
 Tracker = Literal["auto", "tensorboard", "wandb", "none"]
@@ -101,6 +106,13 @@ class FairTrainingConfig:
     max_inference_steps: int = _help("Most sampling steps (inclusive).", 23)
     guidance_scale: float = _help("Classifier-free guidance weight (1 turns guidance off).", 7.5)
     negative_prompt: str = _help("Negative prompt for classifier-free guidance (the paper's is empty).", "")
+    prompt_padding: PromptPadding = _help(
+        "How prompts reach the text encoder: 'max_length' pads them to the tokenizer's maximum length without an "
+        "attention mask, as a stock StableDiffusionPipeline does; 'natural' keeps the prompt's own length and passes "
+        "an attention mask, the negative prompt padded to the same length (the authors' code). Use an adaptor with "
+        "the padding it was trained with.",
+        "max_length",
+    )
     dft_mode: DFTMode = _help(
         "How the gradient through the sampling chain is computed: 'two_pass' (adjusted DFT, memory flat in the "
         "number of steps), 'one_graph' (adjusted DFT, one graph) or 'naive' (exact gradient, for comparison).",
@@ -109,6 +121,12 @@ class FairTrainingConfig:
     standardize_dft: bool = _help(
         "Adjusted DFT: give every step's noise prediction the same weight (|A_t| = 1). False keeps the scheduler's coefficients.",
         True,
+    )
+    dft_step_weights: DFTStepWeights = _help(
+        "With standardize_dft: 'unit' weighs every step's noise prediction by the sign of its path to z_0 "
+        "(|A_t| = 1, the paper's); 'authors' by the path times sqrt(abar_t) sqrt(1 - abar_t) / (1 - alpha_t), "
+        "normalised by its geometric mean over the steps (the authors' code; not constant on DPM-Solver++).",
+        "unit",
     )
 
     # ------------------------------------------------------------------ batch
@@ -133,6 +151,12 @@ class FairTrainingConfig:
         "estimate from this many label draws, each solved exactly.",
         100,
     )
+    ot_cost: OTCost = _help(
+        "Transport cost between an image's class probabilities and a label: 'squared' distance (the paper's eq. 4) "
+        "or plain 'euclidean' distance (the authors' code for race and joint targets). Two-class targets are the "
+        "same with both.",
+        "squared",
+    )
     weight_loss_img: float = _help(
         "lambda_img: weight of the image-semantics loss (1 - cos of image embeddings against the frozen model's image) "
         "for images that already have their target classes.",
@@ -146,10 +170,19 @@ class FairTrainingConfig:
         "Per-attribute override of image_change_factor (e.g. {'race': 0.6}); an image needing several changes uses the smallest.",
         factory=dict,
     )
+    faceless_image_weight: FacelessImageWeight = _help(
+        "Image-semantics weight factor of an image without a face: 'full' (1) or 'smallest_change_factor', the "
+        "smallest change factor of the trained attributes (the authors' joint runs).",
+        "full",
+    )
     face_region_factor: float = _help(
         "Extra factor on the image-semantics gradient inside the face region of images that must change, "
         "so the face is freer to change than the rest of the image.",
         0.2,
+    )
+    attribute_face_region_factors: dict[str, float] = _help(
+        "Per-attribute override of face_region_factor (e.g. {'race': 0.3}); an image needing several changes uses the smallest.",
+        factory=dict,
     )
     weight_loss_face: float = _help(
         "lambda_face: weight of the face-realism loss (1 - cos of face embeddings against a reference face).", 1.0
@@ -159,10 +192,21 @@ class FairTrainingConfig:
         "the classifier's confidence on it is at least this; otherwise the nearest face of the reference set.",
         0.9,
     )
+    face_realism_images: FaceRealismImages = _help(
+        "Images the face-realism loss applies to: 'kept_target', faces with at least one kept target, or "
+        "'every_face', every detected face (the authors' joint runs).",
+        "kept_target",
+    )
     face_box_scale: float | None = _help(
         "Detected face boxes are grown into squares of this many times their longer side before cropping; "
         "None uses the components' own crop_factor if they declare one, else 1.",
         None,
+    )
+    align_faces: bool = _help(
+        "The face-realism loss reads faces aligned to the 112x112 five-point face template from the detector's "
+        "landmarks (the authors' code) instead of the detector's square crops; detectors without landmarks "
+        "(the toy world's) keep the crops. Build the reference faces the same way.",
+        False,
     )
 
     # ------------------------------------------------------------------ optimisation
@@ -351,8 +395,12 @@ class FairTrainingConfig:
         for name in ("dal_threshold", "image_change_factor", "face_region_factor", "own_face_confidence",
                      "lr_final_ratio"):
             _check_unit_interval(name, getattr(self, name))
-        for attribute, factor in self.attribute_change_factors.items():
-            _check_unit_interval(f"attribute_change_factors[{attribute!r}]", factor)
+        for name in ("attribute_change_factors", "attribute_face_region_factors"):
+            for attribute, factor in getattr(self, name).items():
+                _check_unit_interval(f"{name}[{attribute!r}]", factor)
+        if self.dft_step_weights == "authors" and not self.standardize_dft:
+            raise ValueError("dft_step_weights='authors' standardises the step weights in its own way; "
+                             "it needs standardize_dft=True")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -226,18 +226,42 @@ class DistributionalAlignmentTrainer:
         return bank
 
     # ------------------------------------------------------------------ model helpers
-    def _encode(self, text: str, batch: int) -> torch.Tensor:
+    def _encode(self, text: str, batch: int, length: int | None = None) -> torch.Tensor:
+        """``text``'s embeddings, repeated ``batch`` times.
+
+        ``length=None``: padded to the tokenizer's maximum length without an attention mask, as
+        StableDiffusionPipeline encodes prompts. Otherwise padded (or cut) to ``length`` tokens, with an
+        attention mask that hides the padding (``prompt_padding="natural"``).
+        """
         tokenizer = self.pipeline.tokenizer
-        ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(self.device)
-        return self.pipeline.text_encoder(ids)[0].repeat(batch, 1, 1)
+        if length is None:
+            ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            return self.pipeline.text_encoder(ids)[0].repeat(batch, 1, 1)
+        tokens = tokenizer([text], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        embeddings = self.pipeline.text_encoder(tokens.input_ids.to(self.device),
+                                                attention_mask=tokens.attention_mask.to(self.device))[0]
+        return embeddings.repeat(batch, 1, 1)
+
+    def _natural_length(self, text: str) -> int:
+        """The number of tokens of ``text`` (start and end tokens included), at most the tokenizer's maximum."""
+        tokenizer = self.pipeline.tokenizer
+        return len(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
     def _embeddings(self, prompt: str, batch: int, finetuned: bool = True):
-        """Prompt and negative-prompt embeddings (the negative one only with guidance)."""
+        """Prompt and negative-prompt embeddings (the negative one only with guidance).
+
+        With ``prompt_padding="natural"`` both are padded to the longer of their natural lengths (the
+        U-Net's guidance batch needs one length), each with its attention mask.
+        """
         prefix = trainable.soft_token_prefix(self.soft_token_names) if finetuned else ""
-        cond = self._encode(prefix + prompt, batch)
         guided = self.config.guidance_scale > 1.0
-        return cond, (self._encode(self.config.negative_prompt, batch) if guided else None)
+        texts = [prefix + prompt] + ([self.config.negative_prompt] if guided else [])
+        length = None
+        if self.config.prompt_padding == "natural":
+            length = max(self._natural_length(text) for text in texts)
+        cond = self._encode(texts[0], batch, length)
+        return cond, (self._encode(texts[1], batch, length) if guided else None)
 
     def _frozen_model(self):
         """The original model: LoRA adapters disabled (soft tokens are simply left out of the prompt)."""
@@ -264,7 +288,7 @@ class DistributionalAlignmentTrainer:
         """The faces of ``images`` (``components.faces.read_faces``), with face embeddings if ``embed_faces``."""
         c = self.components
         return read_faces(images, c.detector, c.classifier, crop_factor=self.crop_scale,
-                          face_embedder=c.face_embedder if embed_faces else None)
+                          face_embedder=c.face_embedder if embed_faces else None, align_faces=self.config.align_faces)
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.accelerator.num_processes == 1 else self.accelerator.gather(tensor.contiguous())
@@ -300,7 +324,7 @@ class DistributionalAlignmentTrainer:
             return BatchTargets(finite=False)
         labels, keep, counts = losses.batch_dynamic_targets(
             probs_all, found_all, self.prompt_sets[draw.prompt_set].targets, threshold=self.config.dal_threshold,
-            monte_carlo_samples=self.config.ot_monte_carlo_samples, seed=draw.ot_seed)
+            monte_carlo_samples=self.config.ot_monte_carlo_samples, seed=draw.ot_seed, cost=self.config.ot_cost)
         return BatchTargets(finite=True, labels={a: self._local(x) for a, x in labels.items()},
                             keep={a: self._local(x) for a, x in keep.items()}, class_counts=counts)
 
@@ -344,7 +368,8 @@ class DistributionalAlignmentTrainer:
             result = losses.alignment_batch_loss(
                 images, faces.found, faces.crop_boxes, logits, labels, keep, reference[rows],
                 image_embedders=components.image_embedders, face_embedder=components.face_embedder,
-                face_bank=self.face_bank, weights=self.loss_weights, num_images=num_images)
+                face_bank=self.face_bank, weights=self.loss_weights, num_images=num_images,
+                landmarks=faces.landmarks if cfg.align_faces else None)
             return result.total + zero, (batch, {"loss": result.total.detach() * num_images, **result.parts})
 
         return loss_fn
@@ -381,7 +406,8 @@ class DistributionalAlignmentTrainer:
                         result = adjusted_backward(
                             self.pipeline.unet, self.scheduler, noise[rows], cond, loss_fn,
                             num_inference_steps=draw.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                            negative_prompt_embeds=neg, mode=cfg.dft_mode, standardize=cfg.standardize_dft)
+                            negative_prompt_embeds=neg, mode=cfg.dft_mode, standardize=cfg.standardize_dft,
+                            step_weights=cfg.dft_step_weights)
                         targets, parts = result.stats  # with one micro-batch: the targets the loss computed
                         for key, value in parts.items():
                             sums[key] = sums.get(key, 0.0) + value
