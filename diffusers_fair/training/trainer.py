@@ -134,7 +134,8 @@ class DistributionalAlignmentTrainer:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != processes:
             raise ValueError(f"{launched} processes were launched but accelerate runs {processes}; on CPUs launch "
-                             "with `accelerate launch --cpu` (or set ACCELERATE_USE_CPU=1)")
+                             "with `ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N ...` (`accelerate launch --cpu` "
+                             "starts one process)")
         if config.images_per_prompt % processes:
             raise ValueError(f"images_per_prompt ({config.images_per_prompt}) must be divisible by the "
                              f"number of processes ({processes})")
@@ -160,6 +161,10 @@ class DistributionalAlignmentTrainer:
         )
         self.face_bank = self._reference_face_bank()
         self.loss_weights = losses.LossWeights.from_config(config)
+        # In fp16, small gradients underflow to zero. The scaler multiplies the loss (so dL/dz_0 and every
+        # step's gradient in the adjusted backward), divides the summed gradients before the update and
+        # skips a step that overflowed, lowering the scale; it does nothing in float32 or bf16.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
         unet_config = pipeline.unet.config
         self.latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
         self.iteration = 0
@@ -370,7 +375,8 @@ class DistributionalAlignmentTrainer:
                 image_embedders=components.image_embedders, face_embedder=components.face_embedder,
                 face_bank=self.face_bank, weights=self.loss_weights, num_images=num_images,
                 landmarks=faces.landmarks if cfg.align_faces else None)
-            return result.total + zero, (batch, {"loss": result.total.detach() * num_images, **result.parts})
+            loss = self.scaler.scale(result.total)  # unchanged unless fp16
+            return loss + zero, (batch, {"loss": result.total.detach() * num_images, **result.parts})
 
         return loss_fn
 
@@ -428,17 +434,20 @@ class DistributionalAlignmentTrainer:
         sums = {key: torch.as_tensor(sums[key], device=self.device).float() for key in sorted(sums)}
         sums = self.accelerator.reduce(sums, reduction="sum")
         totals = {key: float(value) for key, value in sums.items()}
-        finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
-        finite = finite and math.isfinite(totals.get("loss", 0.0))
+        loss_finite = finite and math.isfinite(totals.get("loss", 0.0))
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        if loss_finite and self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)  # fp16: divide by the loss scale
+        finite = loss_finite and all(bool(torch.isfinite(p.grad).all()) for p in params)
+        overflow = loss_finite and not finite and self.scaler.is_enabled()  # the scale was too large
         grad_norm = None
         if finite:
-            for p, grad in zip(params, grads):
-                p.grad = grad
             if cfg.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate_at(iteration, cfg)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # optimizer.step(), after the scaler's own overflow check
             decay = ema_decay_at(self.ema_updates, cfg.ema_decay, cfg.ema_warmup)
             with torch.no_grad():
                 for name, p in self.params.items():
@@ -446,7 +455,9 @@ class DistributionalAlignmentTrainer:
             self.ema_updates += 1
         else:
             self.optimizer.zero_grad(set_to_none=False)
-            self.nonfinite_steps += 1
+            self.nonfinite_steps += 0 if overflow else 1
+        if loss_finite and self.scaler.is_enabled():
+            self.scaler.update()  # halve the scale after an overflow, grow it after a run of good steps
         self.iteration += 1
 
         record = self._record(iteration, draws, totals, class_counts, finite, grad_norm, time.time() - start)
@@ -467,6 +478,8 @@ class DistributionalAlignmentTrainer:
                   "nonfinite_steps": self.nonfinite_steps, "lr": learning_rate_at(iteration, cfg),
                   "grad_norm": grad_norm,
                   "seconds": round(seconds, 3)}
+        if self.scaler.is_enabled():
+            record["loss_scale"] = self.scaler.get_scale()
         if totals:
             record.update(loss=totals["loss"] / n, dal=totals["dal"] / n, semantics=totals["semantics"] / n,
                           face_realism=totals["face_realism"] / max(totals["realism_images"], 1.0),
@@ -562,7 +575,8 @@ class DistributionalAlignmentTrainer:
         if self.accelerator.is_main_process:
             counters = {"iteration": self.iteration, "ema_updates": self.ema_updates,
                         "nonfinite_steps": self.nonfinite_steps,
-                        "windows": {a: list(w) for a, w in self.windows.items()}}
+                        "windows": {a: list(w) for a, w in self.windows.items()},
+                        "grad_scaler": self.scaler.state_dict()}
             tensors, state = checkpointing.pack_training_state(self.params, self.ema, self.optimizer, counters)
             state["config"] = self.config.to_dict()
             path = checkpointing.save_checkpoint(self._checkpoint_dir(), self.iteration, tensors, state)
@@ -576,6 +590,8 @@ class DistributionalAlignmentTrainer:
         self.iteration, self.ema_updates = counters["iteration"], counters["ema_updates"]
         self.nonfinite_steps = counters["nonfinite_steps"]
         self.windows = {a: deque(w, maxlen=self.config.distribution_window) for a, w in counters["windows"].items()}
+        if counters.get("grad_scaler"):
+            self.scaler.load_state_dict(counters["grad_scaler"])
         if self.accelerator.is_main_process:
             checkpointing.truncate_log(self.output_dir / LOG_FILE, self.iteration)
         self.accelerator.wait_for_everyone()
