@@ -2,6 +2,7 @@
 
 from setuptools import find_packages, setup
 
+
 with open("README.md", encoding="utf-8") as readme:
     long_description = readme.read()
 

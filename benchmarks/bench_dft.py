@@ -43,6 +43,7 @@ from peft import LoraConfig
 
 from diffusers_fair.method.dft import adjusted_backward, sample_latents
 
+
 MODES = ("two_pass", "one_graph", "naive")
 SCHEMES = ("official", "ours")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -43,8 +44,8 @@ def main() -> None:
 
     from diffusers_fair import toy
     from diffusers_fair.evaluation.audit import evaluate
-    from diffusers_fair.evaluation.results import read_prompts
     from diffusers_fair.evaluation.report import write_report
+    from diffusers_fair.evaluation.results import read_prompts
     from diffusers_fair.toy.components import load_toy_components
 
     pipe = StableDiffusionPipeline.from_pretrained(toy.model_path())

@@ -37,8 +37,8 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 from tqdm import tqdm
 
-from diffusers_fair.adaptors.metadata import FairAdaptorMetadata
 from diffusers_fair.adaptors.format import save_fair_adaptor
+from diffusers_fair.adaptors.metadata import FairAdaptorMetadata
 from diffusers_fair.adaptors.pipeline import load_fair_adaptor
 from diffusers_fair.toy import world
 from diffusers_fair.toy.architecture import (
@@ -49,6 +49,7 @@ from diffusers_fair.toy.architecture import (
     make_vae,
 )
 from diffusers_fair.toy.tokenizer import build_tokenizer
+
 
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

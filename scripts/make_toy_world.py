@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 OCCUPATIONS = """accountant actor architect artist astronaut athlete baker banker barber bartender biologist
 blacksmith builder butcher carpenter cashier chef chemist cleaner clerk coach cook dancer dentist designer
 detective doctor driver economist editor electrician engineer farmer firefighter fisherman florist gardener

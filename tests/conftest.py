@@ -1,9 +1,11 @@
 import os
 
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
 
 torch.set_num_threads(1)
 
@@ -42,9 +44,9 @@ def tiny_clip(tmp_path_factory):
     import json
 
     import open_clip
-    from helpers.components import TINY_CLIP
 
     from diffusers_fair.components.clip import OpenCLIPImageEmbedder
+    from helpers.components import TINY_CLIP
 
     config = {
         "embed_dim": 16,

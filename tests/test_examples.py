@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from helpers.scripts import load_script
 
 

@@ -10,21 +10,13 @@ import json
 import math
 import re
 
-import helpers.training as T
 import pytest
 import torch
-from helpers.adaptors import (
-    assert_same,
-    make_metadata,
-    pipeline_state,
-    random_lora,
-    save_random_adaptor,
-    tiny_pipeline,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+import helpers.training as T
 from diffusers_fair.adaptors import hub
 from diffusers_fair.adaptors.format import read_fair_adaptor, save_fair_adaptor
 from diffusers_fair.adaptors.metadata import (
@@ -39,6 +31,14 @@ from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.training import checkpointing
 from diffusers_fair.training.prompts import load_prompt_sets, resolve_prompt_sets
 from diffusers_fair.training.setup_checks import check_components
+from helpers.adaptors import (
+    assert_same,
+    make_metadata,
+    pipeline_state,
+    random_lora,
+    save_random_adaptor,
+    tiny_pipeline,
+)
 
 
 # --------------------------------------------------------------------------- targets and configs

@@ -26,6 +26,7 @@ from diffusers_fair.toy.render import (
     scene_vector,
 )
 
+
 # Seeds far from the ones train_components.py renders its pools with (seed * 1000 + 1..4).
 FRESH_SEED = 987_654
 
@@ -206,7 +207,7 @@ def test_models_are_differentiable_in_their_input(components, fresh, which):
 
     def fn(x):
         out = model(x)
-        return torch.cat([v for v in out.values()], dim=1) if isinstance(out, dict) else out
+        return torch.cat(list(out.values()), dim=1) if isinstance(out, dict) else out
 
     x = images.clone().requires_grad_(True)
     # Finite differences along random directions against autograd (fast_mode), in float64.

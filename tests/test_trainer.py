@@ -15,16 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.training import (
-    GENDER,
-    PROMPTS,
-    RACE,
-    ROOT,
-    make_trainer,
-    stub_components,
-    tiny_config,
-    tiny_training_pipeline,
-)
 
 from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.training import checkpointing
@@ -35,6 +25,16 @@ from diffusers_fair.training.trainer import (
     DistributionalAlignmentTrainer,
     ema_decay_at,
     learning_rate_at,
+)
+from helpers.training import (
+    GENDER,
+    PROMPTS,
+    RACE,
+    ROOT,
+    make_trainer,
+    stub_components,
+    tiny_config,
+    tiny_training_pipeline,
 )
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.training import ROOT, make_trainer
 
 from diffusers_fair.adaptors.format import read_fair_adaptor
 from diffusers_fair.training import checkpointing
+from helpers.training import ROOT, make_trainer
+
 
 WORKER = """
 import json, os, signal, sys

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+
 NAME = "demo"
 HELP = "audit, debias and re-audit the toy world's model (CPU, minutes)"
 

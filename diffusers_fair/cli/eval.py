@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+
 NAME = "eval"
 HELP = "audit a pipeline's attribute distributions (bias, no-face share, CLIP-T, CLIP-I, DINO) and write a report"
 
@@ -54,8 +55,8 @@ def _toy_components(device):
 
 
 def _real_components(args, device):
-    from ..components.mediapipe_detector import MediaPipeFaceDetector
     from ..components.base import EvalComponents
+    from ..components.mediapipe_detector import MediaPipeFaceDetector
     from ..evaluation.audit import clip_text_embedder
 
     if args.classifier is None:
@@ -93,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
     from diffusers import StableDiffusionPipeline
 
     from .. import toy
+    from ..adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
     from ..evaluation.audit import evaluate
     from ..evaluation.report import write_report
     from ..evaluation.results import read_prompts
-    from ..adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
 
     is_toy = args.toy or _is_toy(args.model)
     model = toy.model_path() if args.model == "toy" else args.model

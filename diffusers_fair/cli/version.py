@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+
 NAME = "version"
 HELP = "print the version of diffusers-fair"
 

@@ -8,6 +8,7 @@ import importlib
 
 from .base import AttributeClassifier, FaceDetection, FaceDetector, FaceEmbedder, ImageEmbedder
 
+
 _LAZY = {
     "MediaPipeFaceDetector": "mediapipe_detector",
     "MediaPipeDetectorConfig": "mediapipe_detector",

@@ -29,6 +29,7 @@ from torch import nn
 
 from .base import AttributeClassifier
 
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .base import AttributeClassifier, ImageEmbedder
 
+
 # Interpolation modes :func:`resize_and_center_crop` supports (the ones CLIP-style processors use).
 INTERPOLATIONS = ("bicubic", "bilinear")
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .base import ImageEmbedder
 from .clip import normalize_channels, resize_and_center_crop
 
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -41,6 +41,7 @@ from .base import AttributeClassifier, FaceDetector, FaceEmbedder, ImageEmbedder
 from .clip import DEFAULT_PROMPTS
 from .mediapipe_detector import MediaPipeDetectorConfig
 
+
 CLASSIFIER_KINDS = ("mobilenet", "clip")
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

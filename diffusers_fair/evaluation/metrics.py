@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+
 SOURCES = ("model", "reference")
 
 

@@ -12,7 +12,6 @@ import torch
 from torchvision.ops import roi_align
 
 
-
 def expand_boxes(boxes: torch.Tensor, factor: float, image_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Grow ``(B, 4)`` boxes ``(x0, y0, x1, y1)`` about their centres into squares.
 

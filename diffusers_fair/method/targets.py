@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+
 # A probability vector may miss a sum of 1 by this much (float32 round-off of user input).
 SUM_TOLERANCE = 1e-6
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+
 IMAGE_SIZE = 32
 LATENT_SIZE = 16
 TEXT_HIDDEN = 64

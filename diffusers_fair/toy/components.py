@@ -39,6 +39,7 @@ from ..components.base import AttributeClassifier, FaceDetection, FaceDetector, 
 from ..method.boxes import crop_faces, expand_boxes
 from .render import SCENE_PARAMETERS, TRAITS
 
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 # The square crop around a detected face box that the classifier and the face embedder expect:

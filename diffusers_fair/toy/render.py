@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 TRAITS = {
     "hair_length": ["short", "long"],
     "skin_tone": ["pale", "tan", "brown", "deep"],

@@ -12,6 +12,7 @@ from collections import Counter
 
 from transformers import CLIPTokenizer
 
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 

@@ -40,6 +40,7 @@ from . import architecture, world
 from .render import TRAITS, random_traits, render
 from .tokenizer import build_tokenizer
 
+
 GROUP_WEIGHTS = {"occupation": 0.8, "sport": 0.1, "descriptor": 0.1}
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from . import components as C
 from .render import SCENE_PARAMETERS, TRAITS, random_traits, render, scene_vector
 
+
 CONFIG = {
     "face_size": C.FACE_SIZE,
     "crop_factor": C.FACE_CROP_FACTOR,

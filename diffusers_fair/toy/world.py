@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 DATA = Path(__file__).parent / "data" / "world.json"
 
 

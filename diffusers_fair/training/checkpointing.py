@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from .._utils.io import load_safetensors
 
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"

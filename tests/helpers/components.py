@@ -6,6 +6,7 @@ from PIL import Image
 
 from diffusers_fair.components.dinov2 import IMAGENET_MEAN, IMAGENET_STD
 
+
 TINY_CLIP = "diffusers-fair-tiny-test-clip"
 
 

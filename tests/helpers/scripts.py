@@ -4,6 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -26,6 +26,7 @@ from diffusers_fair.toy.tokenizer import build_tokenizer
 from diffusers_fair.training.config import FairTrainingConfig
 from diffusers_fair.training.trainer import DistributionalAlignmentTrainer
 
+
 ROOT = Path(__file__).resolve().parents[2]
 ATTRIBUTES = {"gender": ["male", "female"], "race": ["a", "b", "c", "d"], "age": ["young", "old"]}
 GENDER = TargetDistribution.uniform("gender", ATTRIBUTES["gender"])
