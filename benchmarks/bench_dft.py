@@ -113,20 +113,15 @@ def run_scheme(args, unet, scheduler, latents, cond, uncond, scheme, steps):
                           **kwargs)
 
 
-def measure_memory(fn, warm_up) -> float:
-    """Peak resident memory growth (MiB) of ``fn()`` in a forked child, after ``warm_up()`` there."""
+def in_child(fn) -> dict:
+    """Run ``fn()`` (returning a JSON-able dict) in a forked child process and return its result."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
         status = 1
         try:
             os.close(read_end)
-            warm_up()
-            with open("/proc/self/statm") as f:
-                rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            fn()
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-            os.write(write_end, json.dumps({"peak_mb": (peak - rss_before) / 2**20}).encode())
+            os.write(write_end, json.dumps(fn()).encode())
             status = 0
         except BaseException:  # noqa: BLE001 - report any failure of the child, then exit
             traceback.print_exc()
@@ -137,8 +132,21 @@ def measure_memory(fn, warm_up) -> float:
         data = f.read()
     _, status = os.waitpid(pid, 0)
     if status != 0 or not data:
-        raise RuntimeError("memory measurement child failed")
-    return json.loads(data)["peak_mb"]
+        raise RuntimeError("the measuring child process failed")
+    return json.loads(data)
+
+
+def measure_memory(fn, warm_up) -> float:
+    """Peak resident memory growth (MiB) of ``fn()`` in a forked child, after ``warm_up()`` there."""
+    def run():
+        warm_up()
+        with open("/proc/self/statm") as f:
+            rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        return {"peak_mb": (peak - rss_before) / 2**20}
+
+    return in_child(run)["peak_mb"]
 
 
 def pin_mmap_threshold() -> None:

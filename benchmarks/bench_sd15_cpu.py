@@ -35,10 +35,9 @@ import json
 import os
 import resource
 import time
-import traceback
 
 import torch
-from bench_dft import pin_mmap_threshold
+from bench_dft import in_child, pin_mmap_threshold
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -117,29 +116,6 @@ def iteration(models, scheme: str, steps: int, guidance: float) -> None:
     grads = [p.grad for p in text_encoder.parameters() if p.requires_grad]
     if not grads or any(g is None or not torch.isfinite(g).all() for g in grads):
         raise RuntimeError(f"{scheme}: the LoRA weights got no finite gradient")
-
-
-def in_child(fn) -> dict:
-    """Run ``fn()`` (returning a JSON-able dict) in a forked child process and return its result."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        status = 1
-        try:
-            os.close(read_end)
-            os.write(write_end, json.dumps(fn()).encode())
-            status = 0
-        except BaseException:  # noqa: BLE001 - report any failure of the child, then exit
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    with os.fdopen(read_end) as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or not data:
-        raise RuntimeError("the measuring child process failed")
-    return json.loads(data)
 
 
 def measure_time(models, scheme: str, args) -> float:
