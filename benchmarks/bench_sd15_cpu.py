@@ -73,10 +73,8 @@ def build(args):
     latents = torch.randn(args.batch, 4, latent, latent, generator=torch.Generator().manual_seed(1))
     ids = torch.randint(0, 49408, (1, 77), generator=torch.Generator().manual_seed(2))
     empty = torch.full((1, 77), 49407)
-    parameters = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text_encoder.parameters())
-    trained = sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
     return dict(unet=unet, text_encoder=text_encoder, vae=vae, scheduler=scheduler, latents=latents, ids=ids,
-                empty=empty, parameters=parameters + sum(p.numel() for p in vae.parameters()), trained=trained)
+                empty=empty)
 
 
 def iteration(models, scheme: str, steps: int, guidance: float) -> None:
@@ -118,9 +116,11 @@ def iteration(models, scheme: str, steps: int, guidance: float) -> None:
         raise RuntimeError(f"{scheme}: the LoRA weights got no finite gradient")
 
 
-def measure_time(models, scheme: str, args) -> float:
+def measure_time(scheme: str, args) -> float:
     """Wall seconds of one iteration, after a one-step warm-up, with the allocator as it comes."""
     def run():
+        torch.set_num_threads(args.threads)
+        models = build(args)
         iteration(models, scheme, 1, args.guidance)
         start = time.perf_counter()
         iteration(models, scheme, args.steps, args.guidance)
@@ -129,11 +129,13 @@ def measure_time(models, scheme: str, args) -> float:
     return in_child(run)["seconds"]
 
 
-def measure_memory(models, scheme: str, args) -> float:
+def measure_memory(scheme: str, args) -> float:
     """Peak resident memory growth (MiB) of one iteration, after a one-step warm-up. The allocator returns
     freed memory at once (which slows allocation, hence a separate process from the timing)."""
     def run():
+        torch.set_num_threads(args.threads)
         pin_mmap_threshold()
+        models = build(args)
         iteration(models, scheme, 1, args.guidance)
         with open("/proc/self/statm") as f:
             rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -153,14 +155,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", default=None, help="write the figures to this JSON file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    models = build(args)
-    print(f"SD 1.5 architecture, random weights: {models['parameters'] / 1e6:.0f} M parameters, "
-          f"{models['trained'] / 1e6:.1f} M trained (text-encoder LoRA r=50); {args.batch} images at {args.size}x{args.size}, "
+    # Every model is built and run in forked children only: a process that forks after torch's thread
+    # pool has started can deadlock in the child.
+    print(f"SD 1.5 architecture, random weights: U-Net, CLIP ViT-L/14 text encoder with LoRA r=50, VAE; "
+          f"{args.batch} images at {args.size}x{args.size}, "
           f"{args.steps} DPM-Solver++ steps, guidance {args.guidance}, float32, {args.threads} threads", flush=True)
     results = {}
     for scheme in SCHEMES:
-        results[scheme] = {"seconds": measure_time(models, scheme, args), "peak_mb": measure_memory(models, scheme, args)}
+        results[scheme] = {"seconds": measure_time(scheme, args), "peak_mb": measure_memory(scheme, args)}
         print(f"{scheme:>8}: {results[scheme]['seconds']:7.1f} s per iteration, peak memory growth "
               f"{results[scheme]['peak_mb']:8.0f} MiB", flush=True)
     ratio = {"time": results["ours"]["seconds"] / results["authors"]["seconds"],
