@@ -5,12 +5,17 @@ set; the paper used CelebA and FairFace. This script reads every image of a fold
 finds the largest face with the same detector and crop as training uses, embeds it with the face
 embedder, and writes the unit embeddings to one safetensors file::
 
-    python examples/build_reference_faces.py --images /data/fairface/train \\
+    python examples/build_reference_faces.py --images /data/fairface/train --align \\
         --embedder face_embedder.safetensors --out reference_faces.safetensors
 
+``--align`` warps each face onto the 112 x 112 face template from the detector's landmarks instead
+of cropping its box: build the reference set this way for training with ``align_faces: true`` (as
+the Stable Diffusion configs in ``examples/configs/`` train), so that reference faces are read as
+the generated faces are; without it, faces are the detector's square crops (``align_faces: false``).
 ``--no-detect`` skips detection for folders of face crops (FairFace and aligned CelebA images are
-crops already): the largest centred square of each image is embedded. Images in which no face is
-found are skipped and counted.
+crops already): the largest centred square of each image is embedded (it cannot be combined with
+``--align``, which needs the detector's landmarks). Images in which no face is found are skipped
+and counted.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--embedder", required=True, help="face embedder weights (.safetensors)")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--no-detect", action="store_true", help="images are face crops: embed their centre square")
+    parser.add_argument("--align", action="store_true",
+                        help="align each face to the face template from the detector's landmarks (align_faces: true)")
     parser.add_argument("--min-confidence", type=float, default=MediaPipeDetectorConfig.min_confidence)
     parser.add_argument("--box-expansion", type=float, default=MediaPipeDetectorConfig.box_expansion)
     parser.add_argument("--batch-size", type=int, default=64, help="faces embedded per forward pass")
@@ -60,6 +67,8 @@ def load_image(path: Path) -> torch.Tensor:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.align and args.no_detect:
+        raise ValueError("--align needs the detector's landmarks; it cannot be combined with --no-detect")
     paths = list_images(Path(args.images))[: args.limit]
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {args.images}")
@@ -81,7 +90,7 @@ def main(argv=None) -> int:
     # Detection runs image by image (folders mix sizes); embedding runs in batches of crops.
     for path in tqdm(paths, desc="faces"):
         image = load_image(path)
-        crops, found = face_crops(image, embedder.input_size, detector)
+        crops, found = face_crops(image, embedder.input_size, detector, align=args.align)
         if not found.any():
             skipped += 1
             continue
@@ -92,7 +101,8 @@ def main(argv=None) -> int:
     if not chunks:
         raise ValueError(f"no face found in any of the {len(paths)} images")
     embeddings = torch.cat(chunks)
-    metadata = {"source": str(args.images), "images": str(len(paths)), "faces": str(len(embeddings))}
+    metadata = {"source": str(args.images), "images": str(len(paths)), "faces": str(len(embeddings)),
+                "aligned": "true" if args.align else "false"}
     ReferenceFaceSet(embeddings).save(args.out, metadata=metadata)
     print(f"{len(embeddings)} face embeddings written to {args.out}; {skipped} images without a face skipped")
     return 0

@@ -1,12 +1,14 @@
 """The settings that reproduce the authors' code, each one option away from the paper's defaults.
 
 The transport cost, the adjusted-DFT step weights and the loss rules have their tests beside the
-existing ones (test_alignment.py, test_dft.py, test_losses.py). Here: the config fields (defaults keep
-the paper's choices), prompt padding in the trainer, face alignment to the face template (the warp,
-the face-reading routine, MediaPipe's landmarks) and the docs table of the authors' per-experiment
-values.
+existing ones (test_alignment.py, test_dft.py, test_losses.py); natural padding in pipelines and the
+audit in test_pipeline.py and test_evaluation.py, aligned reference faces in test_components_real.py.
+Here: the config fields (defaults keep the paper's choices), prompt padding in the trainer, face
+alignment to the face template (the warp, the face-reading routine, MediaPipe's landmarks), and the
+paper's example configs held to the docs table of the authors' per-experiment values.
 """
 
+import ast
 import math
 import re
 import typing
@@ -25,11 +27,14 @@ from diffusers_fair.method.face_alignment import (
     align_faces,
     similarity_to_template,
 )
+from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.training.config import FairTrainingConfig
+from diffusers_fair.training.experiment import experiment_from_dict, read_config_file, read_experiment
 from helpers.training import GENDER, PROMPTS, make_trainer, stub_components
 
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
 
 # field -> (the default; the authors' code's choice), as docs/TRAINING.md lists them
 OPTIONS = {
@@ -119,6 +124,18 @@ def test_the_paddings_agree_on_a_prompt_of_the_maximum_length(tmp_path):
     assert len(tokenizer(prompt).input_ids) == tokenizer.model_max_length
     cond, _ = natural._embeddings(prompt, 1)
     assert torch.equal(cond, by_hand(natural.pipeline, prompt))
+
+
+@torch.no_grad()
+def test_pipelines_encode_natural_padding_as_the_trainer_does(tmp_path):
+    from diffusers_fair.adaptors.prompt_padding import encode_natural
+
+    trainer = make_trainer(tmp_path, targets=[GENDER], prompt_padding="natural")
+    for negative in ("", "a photo of the face of a doctor and a nurse and a pilot"):  # shorter, longer
+        trainer.config.negative_prompt = negative
+        cond, neg = trainer._embeddings(PROMPTS[0], 1)
+        embeds, negative_embeds = encode_natural(trainer.pipeline, [PROMPTS[0]], [negative])
+        assert torch.equal(embeds, cond) and torch.equal(negative_embeds, neg)
 
 
 def test_a_training_step_with_natural_padding(tmp_path):
@@ -267,3 +284,117 @@ def test_the_docs_say_which_choice_is_the_papers_the_authors_and_the_default():
     assert re.search(r"^\| `attribute_face_region_factors` \| `\{\}` \(default\) \|", table, re.M)
     assert "`step_weights=\"unit\"` (default" in dft and "`step_weights=\"authors\"`" in dft
     assert "the form of the original implementation" not in dft
+
+
+# ---------------------------------------------------------------------------- the paper's configs and the docs table
+EXPERIMENT_ROW = "the authors' experiment"
+BOOKKEEPING = {"base_model", "output_dir", "gradient_checkpointing"}  # training keys that are no experiment setting
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def authors_table() -> dict[str, dict[str, str]]:
+    """``{config file: {row: cell}}`` from the table of docs/TRAINING.md's "The authors' per-experiment settings"."""
+    text = (ROOT / "docs" / "TRAINING.md").read_text(encoding="utf-8")
+    section = text[text.index("### The authors' per-experiment settings"):].splitlines()
+    start = next(i for i, line in enumerate(section) if line.startswith("| field |"))
+    lines = []
+    for line in section[start:]:
+        if not line.startswith("|"):
+            break
+        lines.append(line)
+    configs = [cell.strip("`") for cell in cells(lines[0])[1:]]
+    columns = {config: {} for config in configs}
+    for line in lines[2:]:  # after the header and its separator
+        row, *values = cells(line)
+        assert len(values) == len(configs), line
+        for config, value in zip(configs, values):
+            columns[config][row.strip("`")] = value
+    return columns
+
+
+def literal(cell: str):
+    """The Python literal of a table cell written as `` `literal` ``."""
+    assert cell.startswith("`") and cell.endswith("`"), cell
+    return ast.literal_eval(cell[1:-1])
+
+
+def table_mismatches(column: dict[str, str], experiment) -> list[str]:
+    """Where an experiment's resolved values differ from its column of the table, one line each."""
+    name, found = experiment.source.name, []
+    for row, cell in column.items():
+        if row == EXPERIMENT_ROW:
+            if cell.strip("`") not in experiment.source.read_text(encoding="utf-8"):
+                found.append(f"{name} does not name the authors' experiment {cell}")
+            continue
+        if row == "targets":
+            expected = [TargetDistribution.parse(t) for t in literal(cell)]
+            if experiment.default_targets != expected:
+                found.append(f"targets: the table says {[str(t) for t in expected]}, "
+                             f"{name} has {[str(t) for t in experiment.default_targets or []]}")
+            continue
+        if row == "prompt-set weights":
+            weights = [s.weight for s in experiment.prompt_sets]
+            if cell == "one set":
+                expected, value = "one set", "one set" if len(weights) == 1 else weights
+            else:
+                expected, value = literal(cell), weights
+        else:
+            expected, value = literal(cell), getattr(experiment.config, row)
+        if value != expected:
+            found.append(f"{row}: the table says {expected!r}, {name} has {value!r}")
+    return found
+
+
+def unlisted_settings(config_data: dict, column: dict[str, str]) -> set[str]:
+    """The training settings a config file sets that its column of the table does not list."""
+    return set(config_data.get("training") or {}) - BOOKKEEPING - set(column)
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the configs' paths are relative to the repository root
+
+
+def test_every_paper_config_has_the_values_of_the_docs_table(in_repo):
+    table = authors_table()
+    paper_configs = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("toy_"))
+    assert sorted(table) == paper_configs
+    rows = set(next(iter(table.values())))
+    for required in ("targets", "prompt-set weights", "images_per_prompt", "num_iterations", "weight_loss_img",
+                     "attribute_face_region_factors", "faceless_image_weight", "face_realism_images", "align_faces",
+                     *OPTIONS):
+        assert required in rows
+    for config, column in table.items():
+        assert table_mismatches(column, read_experiment(CONFIGS / config)) == [], config
+        assert unlisted_settings(read_config_file(CONFIGS / config), column) == set(), config
+
+
+def test_the_table_check_fails_when_a_config_or_the_table_changes_alone(in_repo):
+    table = authors_table()
+    race = read_experiment(CONFIGS / "race.yaml", ["training.weight_loss_img=8.0"])
+    assert table_mismatches(table["race.yaml"], race) == ["weight_loss_img: the table says 6.0, race.yaml has 8.0"]
+    gender_race = read_experiment(CONFIGS / "gender_race.yaml")
+    edited = {**table["gender_race.yaml"], "own_face_confidence": "`0.9`", "ot_cost": "`'euclidean'`"}
+    assert table_mismatches(edited, gender_race) == [
+        "own_face_confidence: the table says 0.9, gender_race.yaml has 0.8",
+        "ot_cost: the table says 'euclidean', gender_race.yaml has 'squared'"]
+    # Targets and prompt-set weights are compared too.
+    data = read_config_file(CONFIGS / "multi_concept.yaml")
+    data["targets"] = ["gender: male, female"]
+    changed = experiment_from_dict(data, CONFIGS / "multi_concept.yaml")
+    assert table_mismatches(table["multi_concept.yaml"], changed) == [
+        "targets: the table says ['gender: male=0.5, female=0.5 * race: wmelh=0.25, asian=0.25, black=0.25, "
+        "indian=0.25'], multi_concept.yaml has ['gender: male=0.5, female=0.5']"]
+    assert table_mismatches({**table["multi_concept.yaml"], "prompt-set weights": "`[2, 1, 1, 1]`"},
+                            read_experiment(CONFIGS / "multi_concept.yaml")) == [
+        "prompt-set weights: the table says [2, 1, 1, 1], multi_concept.yaml has [1.0, 1.0, 1.0, 1.0]"]
+    assert table_mismatches({**table["gender.yaml"], "prompt-set weights": "`[1, 1, 1, 1]`"},
+                            read_experiment(CONFIGS / "gender.yaml")) == [
+        "prompt-set weights: the table says [1, 1, 1, 1], gender.yaml has [1.0]"]
+    # A setting the config adds without a row of the table.
+    data = read_config_file(CONFIGS / "gender.yaml")
+    data["training"]["learning_rate"] = 1e-4
+    assert unlisted_settings(data, table["gender.yaml"]) == {"learning_rate"}

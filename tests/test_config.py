@@ -397,7 +397,7 @@ def test_the_shipped_prompt_set_files_read_their_text_files():
     assert (occupations.name, occupations.weight, occupations.targets) == ("occupations", 1.0, None)
     assert occupations.prompts == lines("occupations_train.txt") and len(occupations.prompts) == 230
     multi = load_prompt_sets(prompts / "multi_concept_train.json")
-    assert [(s.name, s.weight) for s in multi] == [("occupations", 2.0), ("occupations with style and context", 1.0),
+    assert [(s.name, s.weight) for s in multi] == [("occupations", 1.0), ("occupations with style and context", 1.0),
                                                    ("sports", 1.0), ("personal descriptors", 1.0)]
     files = ["occupations_train.txt", "occupations_style_context_train.txt", "sports.txt", "personal_descriptors.txt"]
     assert [s.prompts for s in multi] == [lines(name) for name in files]

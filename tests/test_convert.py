@@ -9,6 +9,7 @@ import copy
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -16,9 +17,10 @@ from huggingface_hub import ModelCard
 from diffusers_fair.adaptors import convert
 from diffusers_fair.adaptors.format import read_fair_adaptor
 from diffusers_fair.adaptors.metadata import LORA_WEIGHT_NAME, SD15
-from diffusers_fair.adaptors.pipeline import add_fair_tokens, load_fair_adaptor
+from diffusers_fair.adaptors.pipeline import FairFinetunePipeline, add_fair_tokens, load_fair_adaptor
 from diffusers_fair.method.targets import TargetDistribution
-from helpers.adaptors import PROMPT, text_states, tiny_pipeline
+from diffusers_fair.training.config import FairTrainingConfig
+from helpers.adaptors import PROMPT, generate, text_states, tiny_pipeline
 
 
 RANK = 3
@@ -209,6 +211,17 @@ def test_convert_command_line(release, tmp_path, capsys):
     assert (tmp_path / "cli" / LORA_WEIGHT_NAME).is_file()
 
 
+def test_converted_adaptors_generate_with_the_authors_prompt_padding(release, tmp_path):
+    metadata = convert.convert_official(release[0] / "text_encoder_lora_EMA.pth", tmp_path / "te",
+                                        base_model="diffusers-fair/toy", cross_attention_dim=64)
+    assert metadata.training["prompt_padding"] == "natural"
+    fair = tiny_pipeline(0, cls=FairFinetunePipeline)
+    fair.load_fair_adaptor(tmp_path / "te")
+    image = generate(fair)
+    assert np.array_equal(image, generate(fair, prompt_padding="natural"))
+    assert not np.allclose(image, generate(fair, prompt_padding="max_length"), atol=1e-3)
+
+
 def test_converted_sd15_adaptors_carry_the_base_model_license(release, tmp_path):
     metadata = convert.convert_official(release[0] / "text_encoder_lora_EMA.pth", tmp_path / "te")
     assert metadata.license == "creativeml-openrail-m"
@@ -239,3 +252,9 @@ def test_the_index_convert_commands_write_their_adaptors(release, tmp_path, monk
         assert meta.license == "creativeml-openrail-m"
         assert [TargetDistribution.parse(t) for t in entry.targets] == meta.target_distributions()
         assert hub._check_against_entry(adaptor, entry) is adaptor  # what loading by name would accept
+        # How the authors trained: natural prompt padding and their step weights everywhere; the Euclidean
+        # transport cost where it differs from the squared one (race and joint targets).
+        authors = {"prompt_padding": "natural", "dft_step_weights": "authors"}
+        if entry.name not in ("gender", "gender-soft-tokens"):
+            authors["ot_cost"] = "euclidean"
+        assert {k: v for k, v in meta.training.items() if k in FairTrainingConfig.__dataclass_fields__} == authors

@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from diffusers_fair.evaluation.audit import (
     clip_text_embedder,
     evaluate,
+    generate,
     initial_noise,
+    latent_shape,
     read_faces,
 )
 from diffusers_fair.evaluation.metrics import (
@@ -303,6 +305,42 @@ def test_cli_eval_with_an_adaptor_writes_the_report(toy_pipe, tmp_path):
     assert set(saved["summary"]) == {"model", "reference"} and "dino" in saved["metrics"]["model"]
     assert list(saved["groups"]) == ["hair_length", "skin_tone", "hair_colour", "hair_length x skin_tone"]
     assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "charts" / "prompts_hair_length_x_skin_tone.png").exists()
+
+
+def test_generation_pads_prompts_as_the_loaded_adaptors_were_trained(tmp_path):
+    from diffusers_fair.adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
+    from helpers.adaptors import save_random_adaptor, tiny_pipeline
+
+    prompt, negative = "a photo of the face of a doctor", "a smiling person"
+    save_random_adaptor(tmp_path / "natural", tiny_pipeline(0), seed=1, name="natural",
+                        training={"prompt_padding": "natural"})
+    save_random_adaptor(tmp_path / "unrecorded", tiny_pipeline(0), seed=1, name="unrecorded")  # the same weights
+    stock, fair, unrecorded = tiny_pipeline(0), tiny_pipeline(0, cls=FairFinetunePipeline), tiny_pipeline(0)
+    load_fair_adaptor(stock, tmp_path / "natural")
+    load_fair_adaptor(fair, tmp_path / "natural")
+    load_fair_adaptor(unrecorded, tmp_path / "unrecorded")
+    noise = initial_noise(0, prompt, 3, latent_shape(stock))
+    settings = dict(guidance_scale=4.0, num_inference_steps=3, batch_size=3, negative_prompt=negative)
+    common = dict(latents=noise, height=32, width=32, guidance_scale=4.0, num_inference_steps=3, output_type="pt")
+
+    # By hand: both texts padded to the longer natural length, with their attention masks.
+    tokenizer = stock.tokenizer
+    length = max(len(tokenizer(prompt).input_ids), len(tokenizer(negative).input_ids))
+    assert length < tokenizer.model_max_length
+
+    def encoded(text):
+        tokens = tokenizer(text, padding="max_length", max_length=length, return_tensors="pt")
+        with torch.no_grad():
+            return stock.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0].repeat(3, 1, 1)
+
+    by_hand = stock(prompt_embeds=encoded(prompt), negative_prompt_embeds=encoded(negative), **common).images.float()
+    images = generate(stock, prompt, noise, **settings)
+    assert torch.equal(images, by_hand)
+    assert torch.equal(generate(fair, prompt, noise, **settings), images)  # FairFinetunePipeline pads itself
+    # An adaptor that records no padding was trained with the stock pipeline's: generation is the stock call.
+    padded = generate(unrecorded, prompt, noise, **settings)
+    assert torch.equal(padded, unrecorded([prompt] * 3, negative_prompt=[negative] * 3, **common).images.float())
+    assert not torch.allclose(images, padded, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- helpers

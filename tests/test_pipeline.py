@@ -421,3 +421,134 @@ def test_saving_with_lora_loaded_is_refused_and_soft_tokens_are_saved(tmp_path, 
     stock = DiffusionPipeline.from_pretrained(tmp_path / "with-tokens")
     stock.set_progress_bar_config(disable=True)
     assert np.array_equal(generate(stock, "<fair> " + PROMPT), generate(fair))
+
+
+# --------------------------------------------------------------------------- prompt padding
+NATURAL = {"prompt_padding": "natural"}
+LONG_NEGATIVE = "a smiling person, a photo of the face of a smiling nurse"
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    """Adaptors recording their prompt padding: natural LoRA, natural soft tokens, max-length LoRA."""
+    root = tmp_path_factory.mktemp("padded")
+    shapes = tiny_pipeline(0)
+    return {
+        "natural": (root / "natural", *save_random_adaptor(root / "natural", shapes, seed=1, name="natural",
+                                                           training=NATURAL)),
+        "natural-soft": (root / "natural-soft", *save_random_adaptor(root / "natural-soft", shapes, seed=4,
+                                                                     text_encoder=False, soft_tokens=3,
+                                                                     name="natural-soft", training=NATURAL)),
+        "max": (root / "max", *save_random_adaptor(root / "max", shapes, seed=2, name="max-length",
+                                                   training={"prompt_padding": "max_length"})),
+    }
+
+
+def natural_length(pipe, text: str) -> int:
+    return len(pipe.tokenizer(text).input_ids)
+
+
+def padded_by_hand(pipe, texts, length: int) -> torch.Tensor:
+    """Each text tokenized to ``length`` tokens with its attention mask, through the text encoder; one row per text."""
+    rows = []
+    for text in texts:
+        tokens = pipe.tokenizer(text, padding="max_length", max_length=length, return_tensors="pt")
+        assert tokens.input_ids.shape == (1, length)
+        with torch.no_grad():
+            rows.append(pipe.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0])
+    return torch.cat(rows)
+
+
+def test_natural_padding_generates_from_the_hand_padded_embeddings(padded):
+    folder = padded["natural"][0]
+    fair, stock = tiny_pipeline(0, cls=FairFinetunePipeline), tiny_pipeline(0)
+    fair.load_fair_adaptor(folder)
+    stock.load_fair_adaptor(folder)  # a stock pipeline pads to the maximum length whatever the adaptor says
+    length = natural_length(stock, PROMPT)
+    assert length < stock.tokenizer.model_max_length
+    image = generate(fair)
+    expected = generate(stock, None, prompt_embeds=padded_by_hand(stock, [PROMPT], length),
+                        negative_prompt_embeds=padded_by_hand(stock, [""], length))
+    assert np.array_equal(image, expected)
+    assert not np.allclose(image, generate(stock), atol=1e-3)  # the maximum length conditions the U-Net otherwise
+    assert np.array_equal(generate(fair, prompt_padding="max_length"), generate(stock))
+    # Positional arguments reach the stock call as they would (height, width, num_inference_steps).
+    positional = fair(PROMPT, 32, 32, 3, generator=torch.Generator().manual_seed(1), output_type="np").images
+    assert np.array_equal(positional, image)
+
+    # A longer negative prompt sets the common length; a list of prompts, several images each.
+    prompts = [PROMPT, "a photo of a nurse"]
+    length = natural_length(stock, LONG_NEGATIVE)
+    assert length > max(natural_length(stock, p) for p in prompts)
+    expected = generate(stock, None, prompt_embeds=padded_by_hand(stock, prompts, length),
+                        negative_prompt_embeds=padded_by_hand(stock, [LONG_NEGATIVE] * 2, length),
+                        num_images_per_prompt=2)
+    assert np.array_equal(generate(fair, prompts, negative_prompt=LONG_NEGATIVE, num_images_per_prompt=2), expected)
+    # Without guidance there is no negative prompt: the prompts keep the longest prompt's length.
+    length = max(natural_length(stock, p) for p in prompts)
+    expected = generate(stock, None, prompt_embeds=padded_by_hand(stock, prompts, length), guidance_scale=1.0)
+    assert np.array_equal(generate(fair, prompts, guidance_scale=1.0, negative_prompt=LONG_NEGATIVE), expected)
+
+
+def test_natural_padding_counts_the_soft_tokens(padded):
+    folder = padded["natural-soft"][0]
+    fair, stock = tiny_pipeline(0, cls=FairFinetunePipeline), tiny_pipeline(0)
+    fair.load_fair_adaptor(folder)
+    stock.load_textual_inversion(folder)  # diffusers alone; the tokens written by hand
+    text = "<fair> <fair>_1 <fair>_2 " + PROMPT
+    length = natural_length(stock, text)
+    assert length == natural_length(stock, PROMPT) + 3
+    expected = generate(stock, None, prompt_embeds=padded_by_hand(stock, [text], length),
+                        negative_prompt_embeds=padded_by_hand(stock, [""], length))
+    assert np.array_equal(generate(fair), expected)
+
+
+def test_natural_padding_scales_the_text_encoder_lora_as_the_stock_call_does(padded):
+    folder, _, te_state, _, _ = padded["natural"]
+    fair = tiny_pipeline(0, cls=FairFinetunePipeline)
+    fair.load_fair_adaptor(folder)
+    reference = tiny_pipeline(0)
+    hooks = LoraHooks(reference.text_encoder, (0.5, te_state))
+    length = natural_length(reference, PROMPT)
+    cond, uncond = padded_by_hand(reference, [PROMPT], length), padded_by_hand(reference, [""], length)
+    hooks.remove()
+    expected = generate(reference, None, prompt_embeds=cond, negative_prompt_embeds=uncond)
+    unscaled = generate(fair)
+    np.testing.assert_allclose(generate(fair, cross_attention_kwargs={"scale": 0.5}), expected, atol=1e-4)
+    assert np.array_equal(generate(fair), unscaled)  # the LoRA's scale is put back after the call
+
+
+def test_max_length_adaptors_generate_as_a_stock_pipeline(padded):
+    folder = padded["max"][0]
+    fair, stock = tiny_pipeline(0, cls=FairFinetunePipeline), tiny_pipeline(0)
+    fair.load_fair_adaptor(folder)
+    stock.load_fair_adaptor(folder)
+    for kwargs in ({}, {"negative_prompt": LONG_NEGATIVE, "num_images_per_prompt": 2}):
+        assert np.array_equal(generate(fair, **kwargs), generate(stock, **kwargs))
+
+
+def test_the_padding_of_active_adaptors_decides_and_mixed_paddings_are_refused(padded):
+    fair = tiny_pipeline(0, cls=FairFinetunePipeline)
+    fair.load_fair_adaptor(padded["natural"][0])
+    fair.load_fair_adaptor(padded["max"][0])
+    with pytest.raises(ValueError, match=r"different prompt paddings \{'natural': 'natural', 'max-length': "
+                                         r"'max_length'\}; pass prompt_padding="):
+        generate(fair)
+    natural = generate(fair, prompt_padding="natural")
+    assert not np.allclose(natural, generate(fair, prompt_padding="max_length"), atol=1e-3)
+    fair.set_adapters(["natural", "max-length"], [1.0, 0.0])  # both still active: still refused
+    with pytest.raises(ValueError, match="different prompt paddings"):
+        generate(fair)
+    fair.set_adapters(["natural"])  # the max-length adaptor inactive: the natural one decides
+    assert np.array_equal(generate(fair), generate(fair, prompt_padding="natural"))
+
+    with pytest.raises(ValueError, match="prompt_padding must be one of"):
+        generate(fair, prompt_padding="longest")
+    with pytest.raises(ValueError, match="clip_skip is not supported with natural prompt padding"):
+        generate(fair, clip_skip=1)
+    embeds, negative = fair.encode_prompt(PROMPT, "cpu", 1, True)
+    with pytest.raises(ValueError, match="encodes prompt and negative_prompt itself"):
+        generate(fair, negative_prompt_embeds=negative)
+    # Embeddings alone are the caller's, used as given.
+    assert np.array_equal(generate(fair, None, prompt_embeds=embeds, negative_prompt_embeds=negative),
+                          generate(fair, prompt_padding="max_length"))

@@ -202,7 +202,7 @@ def test_shipped_configs_encode_the_papers_settings(in_repo):
     age = TargetDistribution.parse("age: young=0.75, old=0.25")
     assert read["gender"].targets == [gender]
     assert read["race"].targets == [race]
-    assert read["gender_race"].targets == [gender * race]
+    assert read["gender_race"].targets == read["multi_concept"].targets == [gender * race]
     (joint,) = read["gender_race_age"].targets
     assert joint.num_classes == 16 and joint == gender * race * age
     assert joint.marginal("age").prob("old") == pytest.approx(0.25)
@@ -218,12 +218,13 @@ def test_shipped_configs_encode_the_papers_settings(in_repo):
         has_race = any("race" in t.attributes for t in experiment.targets)
         assert c.weight_loss_face == (0.1 if has_race else 1.0)
         assert c.attribute_change_factors.get("race") == (0.6 if has_race else None)
-    assert read["gender_race_age"].config.attribute_change_factors == {"race": 0.6, "age": 0.3}
-    # Multi-concept: four prompt sets, the small ones oversampled relative to their size.
+    assert read["gender_race_age"].config.attribute_change_factors == {"race": 0.6, "age": 0.6}
+    # Multi-concept: four prompt sets drawn equally often, the small ones oversampled relative to their size.
     sets = read["multi_concept"].prompt_sets
     assert [s.name for s in sets] == ["occupations", "occupations with style and context", "sports", "personal descriptors"]
     shares = [s.weight / sum(x.weight for x in sets) for s in sets]
     sizes = [len(s.prompts) / sum(len(x.prompts) for x in sets) for s in sets]
+    assert shares == [0.25] * 4
     assert shares[0] < sizes[0] and all(share > size for share, size in zip(shares[1:], sizes[1:]))
     # No training prompt is an evaluation prompt.
     test_prompts = set(read_prompts(ROOT / "examples" / "prompts" / "occupations_test.txt"))
@@ -397,8 +398,9 @@ def test_the_train_command_runs_a_saved_pipeline_without_faces(in_repo, tmp_path
     for record in history:
         assert not record["skipped"] and record["faces_found"] == 0.0
         assert record["dal"] == 0 and record["face_realism"] == 0 and record["kept"] == {"gender": 0.0, "race": 0.0}
-    # Without faces every image has weight 1: loss = weight_loss_img * semantics, and it still has a gradient.
-    assert history[1]["loss"] == pytest.approx(8.0 * history[1]["semantics"], rel=1e-4, abs=1e-9)
+    # Without faces every image has the config's faceless weight, the smallest change factor of the trained
+    # attributes (gender 0.2, race 0.6): loss = weight_loss_img * 0.2 * semantics, and it still has a gradient.
+    assert history[1]["loss"] == pytest.approx(8.0 * 0.2 * history[1]["semantics"], rel=1e-4, abs=1e-9)
     assert history[1]["grad_norm"] > 0
     meta = read_fair_adaptor(tmp_path / "run" / "adaptor").metadata
     assert (meta.name, meta.base_model) == ("sd15-gender-race", str(model))

@@ -22,6 +22,12 @@ never arbitrary objects), every key must be recognised (the original loader used
 ``strict=False`` and ignored mismatches silently), and the result is a standard fair adaptor
 folder (:func:`~diffusers_fair.adaptors.format.save_fair_adaptor`). The EMA weights are the released
 ones and are used by default.
+
+The metadata's ``training`` records how the authors trained, in ``FairTrainingConfig`` terms:
+``prompt_padding: "natural"`` (every script encodes prompts at their natural length with the
+attention mask, so ``FairFinetunePipeline`` and the audit generate with the same padding),
+``dft_step_weights: "authors"``, and ``ot_cost: "euclidean"`` where a target has more than two
+classes or cells (race and joint targets; binary targets are the same with either cost).
 """
 
 from __future__ import annotations
@@ -151,6 +157,21 @@ def convert_prefix_embedding(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return table[1:].float().clone()
 
 
+def authors_training_settings(targets) -> dict:
+    """The ``FairTrainingConfig`` choices of the authors' code that an adaptor's users need to know.
+
+    Every experiment script pads prompts to their natural length with the attention mask
+    (``exp-1-debias-gender/1-main-debias.py`` lines 1007-1032) and weighs the adjusted-DFT steps by
+    its own factors (lines 1105-1109); race and joint targets use the plain Euclidean transport cost
+    (``exp-6-debias-race`` line 1461, ``exp-3-debias-gender-race`` line 1523). ``targets`` are
+    ``TargetDistribution`` objects.
+    """
+    settings = {"prompt_padding": "natural", "dft_step_weights": "authors"}
+    if any(target.num_classes > 2 for target in targets):
+        settings["ot_cost"] = "euclidean"
+    return settings
+
+
 def convert_official(
     src: str | Path,
     dst: str | Path,
@@ -222,6 +243,7 @@ def convert_official(
             "source": SOURCE,
             "converted_from": {path.name: sha256_file(path) for path in files.values()},
             "ema_weights": ema,
+            **authors_training_settings(parsed),
         },
     )
     return save_fair_adaptor(

@@ -34,12 +34,14 @@ an adaptor loaded into a fused pipeline is fused too, and unloading one unfuses,
 fuses the rest again.
 
 :class:`FairFinetunePipeline` is a ``StableDiffusionPipeline`` that also starts every prompt (not
-the negative prompt) with the loaded soft tokens. With no adaptor loaded it generates exactly what
+the negative prompt) with the loaded soft tokens, and pads prompts as the loaded adaptors were
+trained (``prompt_padding.py``). With no adaptor loaded it generates exactly what
 ``StableDiffusionPipeline`` generates.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -52,6 +54,7 @@ from diffusers import StableDiffusionPipeline
 from .format import FairAdaptor
 from .hub import resolve_adaptor
 from .metadata import LORA_WEIGHT_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, base_model_id, canonical_base_model
+from .prompt_padding import PROMPT_PADDINGS, encode_natural, prompt_padding_of
 
 
 logger = logging.getLogger(__name__)
@@ -551,13 +554,22 @@ def register_pipeline_methods(classes=None) -> None:
 
 
 class FairFinetunePipeline(FairAdaptorMixin, StableDiffusionPipeline):
-    """A ``StableDiffusionPipeline`` that loads fair adaptors and uses their soft tokens.
+    """A ``StableDiffusionPipeline`` that loads fair adaptors and uses their soft tokens and prompt padding.
 
     ``from_pretrained`` and ``from_pipe`` work as in diffusers. ``__call__`` takes the same
-    arguments as ``StableDiffusionPipeline.__call__``; when soft-token adaptors are loaded, each
-    prompt (a string or a list) is started with their tokens; the negative prompt is left alone.
-    ``prompt_embeds`` would bypass the soft tokens, so they are refused while soft tokens are
-    loaded: encode ``pipe.add_fair_tokens(prompt)`` with ``pipe.encode_prompt`` yourself instead.
+    arguments as ``StableDiffusionPipeline.__call__``, and ``prompt_padding``:
+
+    * When soft-token adaptors are loaded, each prompt (a string or a list) is started with their
+      tokens; the negative prompt is left alone. ``prompt_embeds`` would bypass the soft tokens, so
+      they are refused while soft tokens are loaded: encode ``pipe.add_fair_tokens(prompt)`` with
+      ``pipe.encode_prompt`` yourself instead.
+    * Prompts are padded as the active adaptors were trained (their ``training["prompt_padding"]``),
+      or as ``prompt_padding`` says (``"max_length"`` or ``"natural"``). ``"max_length"`` is the
+      stock pipeline's encoding. ``"natural"`` encodes the prompts and negative prompts padded to
+      the longest natural length among them, with the attention mask
+      (:func:`~diffusers_fair.adaptors.prompt_padding.encode_natural`), and passes the embeddings
+      to ``StableDiffusionPipeline.__call__``; for one prompt these are the trainer's embeddings.
+
     With no adaptor loaded it generates exactly what ``StableDiffusionPipeline`` generates.
 
     ``save_pretrained`` writes a folder whose ``model_index.json`` names ``StableDiffusionPipeline``,
@@ -565,8 +577,9 @@ class FairFinetunePipeline(FairAdaptorMixin, StableDiffusionPipeline):
     load it (as a ``StableDiffusionPipeline``), and ``FairFinetunePipeline.from_pretrained`` as this class.
     """
 
-    def __call__(self, prompt=None, *args, **kwargs):
-        if any(a.soft_token for a in fair_adaptors(self).values()):
+    def __call__(self, prompt=None, *args, prompt_padding: str | None = None, **kwargs):
+        adaptors = fair_adaptors(self)
+        if any(a.soft_token for a in adaptors.values()):
             if prompt is None:
                 if kwargs.get("prompt_embeds") is not None:
                     raise ValueError(
@@ -575,7 +588,38 @@ class FairFinetunePipeline(FairAdaptorMixin, StableDiffusionPipeline):
                     )
             else:
                 prompt = self.add_fair_tokens(prompt)
+        if prompt_padding is None:
+            prompt_padding = prompt_padding_of(adaptors.values())
+        elif prompt_padding not in PROMPT_PADDINGS:
+            raise ValueError(f"prompt_padding must be one of {PROMPT_PADDINGS} or None, got {prompt_padding!r}")
+        if prompt_padding == "natural" and prompt is not None:
+            return self._call_with_natural_padding(prompt, args, kwargs)
         return super().__call__(prompt, *args, **kwargs)
+
+    def _call_with_natural_padding(self, prompt, args, kwargs):
+        """``StableDiffusionPipeline.__call__`` on the embeddings of :func:`encode_natural`."""
+        signature = inspect.signature(StableDiffusionPipeline.__call__)
+        arguments = dict(signature.bind(self, prompt, *args, **kwargs).arguments)
+        del arguments["self"]
+        extra = arguments.pop("kwargs", {})
+        if arguments.get("prompt_embeds") is not None or arguments.get("negative_prompt_embeds") is not None:
+            raise ValueError("with natural prompt padding the pipeline encodes prompt and negative_prompt itself: "
+                             "pass them as text, or pass prompt_padding='max_length' to use your own embeddings")
+        if arguments.get("clip_skip") is not None:
+            raise ValueError("clip_skip is not supported with natural prompt padding; adaptors are trained without it")
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+            raise ValueError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        guidance_scale = arguments.get("guidance_scale", signature.parameters["guidance_scale"].default)
+        negative = arguments.pop("negative_prompt", None)
+        negatives = None
+        # StableDiffusionPipeline's own test for classifier-free guidance (do_classifier_free_guidance).
+        if guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None:
+            negatives = [negative or ""] * len(prompts) if negative is None or isinstance(negative, str) else negative
+        lora_scale = (arguments.get("cross_attention_kwargs") or {}).get("scale")
+        embeds, negative_embeds = encode_natural(self, prompts, negatives, lora_scale=lora_scale)
+        arguments.update(prompt=None, prompt_embeds=embeds, negative_prompt_embeds=negative_embeds)
+        return super().__call__(**arguments, **extra)
 
     def to_json_string(self) -> str:
         # diffusers resolves a model_index.json's class name in its own namespace; naming the stock

@@ -16,8 +16,10 @@ image's own face when that already has the target class.
   safetensors and finds each query's nearest reference by cosine similarity in torch (one matrix
   product on the device of the set).
 * :func:`embed_faces` detects, crops and embeds the faces of a batch of images; the reference set is
-  built with it (``examples/build_reference_faces.py``), so reference faces are cropped exactly as
-  generated faces are during training.
+  built with it (``examples/build_reference_faces.py``), so reference faces are read exactly as
+  generated faces are during training: the detector's square crops, or, with ``align=True`` (for
+  training with ``align_faces=True``), the faces warped onto the face template from the detector's
+  landmarks (``method.face_alignment``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..method.boxes import crop_faces
+from ..method.face_alignment import align_faces
 from .base import FaceDetector, FaceEmbedder
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
@@ -220,7 +223,7 @@ def center_square_boxes(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def face_crops(
-    images: torch.Tensor, size: int, detector: FaceDetector | None = None
+    images: torch.Tensor, size: int, detector: FaceDetector | None = None, *, align: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop the largest face of each image to ``size x size``.
 
@@ -229,33 +232,50 @@ def face_crops(
         size: side of the crops.
         detector: finds the faces; ``None`` treats each image as a face crop already and uses its
             largest centred square.
+        align: warp each face onto the face template from the detector's landmarks
+            (``method.face_alignment.align_faces``, the template scaled to ``size``) instead of
+            cropping the detector's box, as the trainer reads faces with ``align_faces=True``.
 
     Returns:
         ``(crops, found)``: ``(n, 3, size, size)`` crops of the ``n`` images where a face was found,
         and the ``(B,)`` bool mask of those images.
+
+    Raises:
+        ValueError: ``images`` is not ``(B, 3, H, W)``, or ``align=True`` without a detector that gives landmarks.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+    if align and detector is None:
+        raise ValueError("align=True needs a detector: faces are aligned from its landmarks")
     if detector is None:
         boxes = center_square_boxes(images)
         found = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
-    else:
-        detection = detector.detect(images)
-        boxes, found = detection.boxes, detection.found
-    return crop_faces(images[found], boxes[found], size), found
+        return crop_faces(images[found], boxes[found], size), found
+    detection = detector.detect(images)
+    found = detection.found.to(images.device).bool()
+    if not align:
+        return crop_faces(images[found], detection.boxes.to(images.device)[found], size), found
+    if detection.landmarks is None:
+        raise ValueError(f"align=True needs face landmarks; {type(detector).__name__} gives none")
+    if not found.any():
+        return images.new_zeros(0, 3, size, size), found
+    return align_faces(images[found], detection.landmarks.to(images.device)[found], size), found
 
 
 @torch.no_grad()
 def embed_faces(
-    images: torch.Tensor, embedder: FaceEmbedder, detector: FaceDetector | None = None
+    images: torch.Tensor, embedder: FaceEmbedder, detector: FaceDetector | None = None, *, align: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Detect, crop and embed the largest face of each image (see :func:`face_crops`).
+    """Detect, crop (or align, with ``align=True``) and embed the largest face of each image (see :func:`face_crops`).
 
     Returns:
         ``(embeddings, found)``: ``(n, D)`` embeddings of the ``n`` images where a face was found,
         and the ``(B,)`` bool mask of those images.
+
+    Raises:
+        ValueError: as :func:`face_crops`.
     """
-    crops, found = face_crops(images, embedder.input_size, detector)
+    crops, found = face_crops(images, embedder.input_size, detector, align=align)
     if crops.shape[0] == 0:
         return images.new_zeros(0, getattr(embedder, "embedding_dim", 0)), found
     return embedder(crops), found

@@ -66,16 +66,34 @@ def latent_shape(pipe, height: int | None = None, width: int | None = None) -> t
 @torch.no_grad()
 def generate(pipe, prompt: str, noise: torch.Tensor, *, guidance_scale: float, num_inference_steps: int,
              batch_size: int, negative_prompt: str | None = None) -> torch.Tensor:
-    """Images ``(N, 3, H, W)`` float32 in ``[0, 1]`` on the CPU, one per starting latent in ``noise``."""
+    """Images ``(N, 3, H, W)`` float32 in ``[0, 1]`` on the CPU, one per starting latent in ``noise``.
+
+    Prompts are padded as the pipeline's active fair adaptors were trained: a ``FairFinetunePipeline``
+    does it itself; for another pipeline whose adaptors were trained with natural padding, the
+    prompt and negative prompt are encoded here (``adaptors.prompt_padding.encode_natural``) and
+    passed as embeddings (soft tokens are then not added, as a stock pipeline does not add them).
+    """
+    from ..adaptors.pipeline import FairFinetunePipeline, fair_adaptors
+    from ..adaptors.prompt_padding import encode_natural, prompt_padding_of
+
+    natural = not isinstance(pipe, FairFinetunePipeline)
+    natural = natural and prompt_padding_of(fair_adaptors(pipe).values()) == "natural"
     factor = pipe.vae_scale_factor
     out = []
     for start in range(0, noise.shape[0], batch_size):
         latents = noise[start : start + batch_size]
         n = latents.shape[0]
-        result = pipe([prompt] * n, negative_prompt=None if negative_prompt is None else [negative_prompt] * n,
-                      latents=latents.to(pipe.device, pipe.unet.dtype), height=latents.shape[-2] * factor,
+        negatives = None if negative_prompt is None else [negative_prompt] * n
+        common = dict(latents=latents.to(pipe.device, pipe.unet.dtype), height=latents.shape[-2] * factor,
                       width=latents.shape[-1] * factor, guidance_scale=guidance_scale,
                       num_inference_steps=num_inference_steps, output_type="pt")
+        if natural:
+            # StableDiffusionPipeline's own test for classifier-free guidance
+            guided = guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
+            embeds, negative_embeds = encode_natural(pipe, [prompt] * n, (negatives or [""] * n) if guided else None)
+            result = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, **common)
+        else:
+            result = pipe([prompt] * n, negative_prompt=negatives, **common)
         out.append(result.images.float().cpu())
     return torch.cat(out)
 

@@ -30,9 +30,19 @@ Dynamic weights (:func:`dynamic_image_weights`, :func:`face_region_factors`)
     code does in its joint runs, at the smallest change factor of the attributes
     (``"smallest_change_factor"``).
 
+Preservation (:func:`preserve_targets`, :func:`preserve_per_image`)
+    Moving the targeted attributes can move the others (balancing hair length turns hair grey). A
+    preserved attribute is held where the frozen model has it for the same prompt, with a
+    cross-entropy toward a target class per image, like the DAL. ``"batch"``: the targets are the
+    expected optimal-transport targets toward the class frequencies of the frozen model's images of
+    the batch (the same noises), so the batch keeps the frozen model's distribution while single
+    images may swap classes. ``"image"``: the target is the class of the frozen model's face from
+    the same noise.
+
 The total (:func:`combined_loss`) is a mean over the images of the batch::
 
     loss_i = DAL_i + lambda_img * w_i * semantics_i + lambda_face * [realism applies]_i * realism_i
+             + lambda_preserve * preserve_i
     loss   = sum_i loss_i / N
 
 where ``N`` is the whole batch over all processes (each process passes its local sum and the
@@ -41,7 +51,8 @@ global ``N``; summing the processes' gradients then gives the gradient of the gl
 Per-attribute quantities are dicts ``{attribute: (N,) tensor}``; a missing class (no face) is -1.
 
 :func:`batch_dynamic_targets` computes the alignment targets of a whole batch in which some images
-have no face, for several targets at once; :func:`alignment_batch_loss` composes all of the above
+have no face, for several targets at once, and :func:`preserve_targets` those of the preserved
+attributes; :func:`alignment_batch_loss` composes all of the above
 for a micro-batch, given its images, faces, logits, targets and the :class:`ReferenceImages`.
 """
 
@@ -63,6 +74,7 @@ from .targets import TargetDistribution
 __all__ = [
     "FACELESS_IMAGE_WEIGHTS",
     "FACE_REALISM_IMAGES",
+    "PRESERVE_MODES",
     "BatchLoss",
     "LossWeights",
     "ReferenceImages",
@@ -81,6 +93,8 @@ __all__ = [
     "image_semantics_loss",
     "nearest_reference",
     "needs_change",
+    "preserve_per_image",
+    "preserve_targets",
     "scale_region_gradient",
 ]
 
@@ -90,6 +104,9 @@ FACELESS_IMAGE_WEIGHTS = ("full", "smallest_change_factor")
 
 # The images the face-realism loss applies to (see "Face realism" above).
 FACE_REALISM_IMAGES = ("kept_target", "every_face")
+
+# How a preserved attribute is held (see "Preservation" above).
+PRESERVE_MODES = ("batch", "image")
 
 
 # ---------------------------------------------------------------------------- similarity losses
@@ -168,6 +185,17 @@ def dal_per_image(
     the dynamic target, 0 where the target was not kept (uncertain, or no face): ``(N,)``."""
     terms = [kept_cross_entropy(logits[a].float(), labels[a].clamp(min=0), keep[a], reduction="none") for a in logits]
     return torch.stack(terms).sum(dim=0)
+
+
+def preserve_per_image(
+    logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """Preservation loss per image: the sum over the preserved attributes of the cross-entropy toward
+    their targets (:func:`preserve_targets`), 0 where a target was not kept: ``(N,)``.
+
+    The same cross-entropy as :func:`dal_per_image`; only the targets differ.
+    """
+    return dal_per_image(logits, labels, keep)
 
 
 # ---------------------------------------------------------------------------- dynamic weights
@@ -318,20 +346,26 @@ def combined_loss(
     weight_loss_img: float,
     weight_loss_face: float,
     num_images: int,
+    preserve: torch.Tensor | None = None,
+    weight_loss_preserve: float = 0.0,
 ) -> torch.Tensor:
-    """``sum_i (DAL_i + lambda_img w_i semantics_i + lambda_face [applies_i] realism_i) / num_images``.
+    """``sum_i (DAL_i + lambda_img w_i semantics_i + lambda_face [applies_i] realism_i
+    + lambda_preserve preserve_i) / num_images``.
 
     All per-image inputs are ``(n,)`` for the ``n`` images at hand; ``num_images`` is the size of
     the whole alignment batch (over micro-batches and processes), so that the partial sums of
-    every micro-batch and process add up to the batch mean.
+    every micro-batch and process add up to the batch mean. ``preserve=None``: no preservation term.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    shapes = {tuple(t.shape) for t in (dal, semantics, realism, image_weights, realism_applies)}
+    per_image_inputs = (dal, semantics, realism, image_weights, realism_applies)
+    shapes = {tuple(t.shape) for t in per_image_inputs + ((preserve,) if preserve is not None else ())}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"all per-image inputs must have the same shape (n,), got {sorted(shapes)}")
     realism_term = torch.where(realism_applies.bool(), realism, torch.zeros_like(realism))
     per_image = dal + weight_loss_img * image_weights * semantics + weight_loss_face * realism_term
+    if preserve is not None:
+        per_image = per_image + weight_loss_preserve * preserve
     return per_image.sum() / num_images
 
 
@@ -372,9 +406,8 @@ def batch_dynamic_targets(
                 batch = {a: probs[a][index] for a in target.attributes}
             else:
                 batch = probs[target.attributes[0]][index]
-            support = int((target.probs > 0).sum())
-            exact = support <= 2 or math.comb(index.numel() + support - 1, support - 1) <= MAX_EXACT_COUNT_VECTORS
             generator = torch.Generator().manual_seed(seed + t)
+            exact = _exact_targets_are_cheap(index.numel(), target.probs)
             result = dynamic_targets(batch, target, threshold=threshold, generator=generator,
                                      num_samples=None if exact else monte_carlo_samples, cost=cost)
         for attribute in target.attributes:
@@ -387,6 +420,75 @@ def batch_dynamic_targets(
             k = probs[attribute].shape[1]
             counts[attribute] = torch.bincount(probs[attribute][index].argmax(dim=1).cpu(), minlength=k)
     return labels, keep, counts
+
+
+def _exact_targets_are_cheap(num_images: int, probs: torch.Tensor) -> bool:
+    """Exact expected-OT targets for ``num_images`` images and a target ``probs``: always for two classes of
+    non-zero probability, else when there are few count vectors (``alignment.MAX_EXACT_COUNT_VECTORS``)."""
+    support = int((probs > 0).sum())
+    return support <= 2 or math.comb(num_images + support - 1, support - 1) <= MAX_EXACT_COUNT_VECTORS
+
+
+def preserve_targets(
+    probs: Mapping[str, torch.Tensor],
+    found: torch.Tensor,
+    reference_classes: Mapping[str, torch.Tensor],
+    *,
+    mode: str,
+    threshold: float,
+    monte_carlo_samples: int,
+    seed: int,
+    cost: str = "squared",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Targets that hold each preserved attribute where the frozen model has it, for a whole batch.
+
+    Args:
+        probs: attribute -> ``(N, K)`` class probabilities of the finetuned model's faces (rows of
+            images without a face are ignored), one entry per preserved attribute.
+        found: ``(N,)`` bool, the finetuned model's images with a face.
+        reference_classes: attribute -> ``(N,)`` class of the frozen model's face from the same noise
+            (-1 where it has none).
+        mode: ``"batch"``: the expected optimal-transport targets (:func:`~.alignment.dynamic_targets`)
+            of the finetuned faces toward the class frequencies of the frozen model's faces, the
+            target distribution of a batch whose frozen classes are 3:1 being 3:1; an image keeps its
+            target when its confidence is at least ``threshold``. ``"image"``: the target of image
+            ``i`` is the frozen model's class of image ``i``, kept where both images have a face.
+        threshold, monte_carlo_samples, cost: as in :func:`batch_dynamic_targets` (``"batch"`` only).
+        seed: seeds the Monte Carlo draws (the ``j``-th attribute uses ``seed + j``).
+
+    Returns:
+        ``(labels, keep)``: attribute -> ``(N,)`` target class (-1 where none), attribute -> ``(N,)``
+        bool kept. Nothing is kept for an attribute when no frozen or no finetuned image has a face.
+
+    Raises:
+        ValueError: on an unknown ``mode``.
+    """
+    if mode not in PRESERVE_MODES:
+        raise ValueError(f"mode must be one of {PRESERVE_MODES}, got {mode!r}")
+    found = found.bool()
+    labels, keep = {}, {}
+    for j, (attribute, original) in enumerate(reference_classes.items()):
+        device = probs[attribute].device
+        original = original.to(device)
+        if mode == "image":
+            labels[attribute] = torch.where(found, original, torch.full_like(original, -1))
+            keep[attribute] = labels[attribute] >= 0
+            continue
+        labels[attribute] = torch.full(found.shape, -1, dtype=torch.long, device=device)
+        keep[attribute] = torch.zeros(found.shape, dtype=torch.bool, device=device)
+        frozen = original[original >= 0]
+        index = found.nonzero().flatten()
+        if frozen.numel() == 0 or index.numel() == 0:
+            continue
+        counts = torch.bincount(frozen.cpu(), minlength=probs[attribute].shape[1]).double()
+        target = counts / counts.sum()
+        generator = torch.Generator().manual_seed(seed + j)
+        exact = _exact_targets_are_cheap(index.numel(), target)
+        result = dynamic_targets(probs[attribute][index], target, threshold=threshold, generator=generator,
+                                 num_samples=None if exact else monte_carlo_samples, cost=cost)
+        labels[attribute][index] = result[0].to(device)
+        keep[attribute][index] = result[2].to(device)
+    return labels, keep
 
 
 @dataclass(frozen=True)
@@ -407,6 +509,7 @@ class LossWeights:
         faceless_image_weight: the semantics weight of an image without a face: ``"full"`` (1) or
             ``"smallest_change_factor"`` (:func:`dynamic_image_weights`).
         face_realism_images: ``"kept_target"`` or ``"every_face"`` (:func:`face_realism_plan`).
+        weight_loss_preserve: ``lambda_preserve``, the weight of the preservation loss.
     """
 
     weight_loss_img: float
@@ -418,6 +521,7 @@ class LossWeights:
     attribute_face_region_factors: Mapping[str, float] = field(default_factory=dict)
     faceless_image_weight: str = "full"
     face_realism_images: str = "kept_target"
+    weight_loss_preserve: float = 0.0
 
     def __post_init__(self):
         if self.faceless_image_weight not in FACELESS_IMAGE_WEIGHTS:
@@ -472,8 +576,9 @@ class BatchLoss:
     Attributes:
         total: the scalar to backpropagate (this micro-batch's share of the batch mean).
         parts: detached sums over the micro-batch, for logs: ``dal``, ``semantics`` (unweighted),
-            ``face_realism`` (over the images it applies to), ``realism_images``, ``faces`` and
-            ``kept/<attribute>`` (counts).
+            ``face_realism`` (over the images it applies to), ``realism_images``, ``faces``,
+            ``kept/<attribute>`` (counts), ``preserve`` (unweighted; 0 without preservation) and
+            ``preserve_kept/<attribute>`` (counts, preserved attributes).
     """
 
     total: torch.Tensor
@@ -495,6 +600,9 @@ def alignment_batch_loss(
     weights: LossWeights,
     num_images: int,
     landmarks: torch.Tensor | None = None,
+    preserve_logits: Mapping[str, torch.Tensor] | None = None,
+    preserve_labels: Mapping[str, torch.Tensor] | None = None,
+    preserve_keep: Mapping[str, torch.Tensor] | None = None,
 ) -> BatchLoss:
     """The method's loss for the images of one micro-batch (see the module docstring).
 
@@ -513,6 +621,9 @@ def alignment_batch_loss(
         landmarks: ``(n, 4 or 5, 2)`` landmarks of the detected faces, or ``None``. With landmarks the
             face-realism loss reads each face aligned to the face template (``method.face_alignment``),
             otherwise the crop of its box; the original faces' embeddings should be read the same way.
+        preserve_logits, preserve_labels, preserve_keep: attribute -> ``(n, K)`` logits (with gradient),
+            ``(n,)`` targets and ``(n,)`` kept of the preserved attributes (:func:`preserve_targets`), or
+            ``None`` (no preservation term). They add to the loss only, not to the dynamic weights.
     """
     original = {a: reference.classes[a] for a in logits}
     change = needs_change(labels, keep, original)
@@ -545,9 +656,14 @@ def alignment_batch_loss(
         faces = face_embedder(crops)
         own = reference.face_embeddings[index] if reference.face_embeddings is not None else torch.zeros_like(faces)
         realism = realism.index_copy(0, index, face_realism_loss(faces, face_bank, own_embeddings=own, use_own=use_own[index]))
+    preserve = None
+    if preserve_logits:
+        preserve = preserve_per_image(preserve_logits, preserve_labels, preserve_keep)
     total = combined_loss(dal, semantics, realism, image_weights=image_weights, realism_applies=applies,
                           weight_loss_img=weights.weight_loss_img, weight_loss_face=weights.weight_loss_face,
-                          num_images=num_images)
+                          num_images=num_images, preserve=preserve, weight_loss_preserve=weights.weight_loss_preserve)
     parts = {"dal": dal.sum(), "semantics": semantics.sum(), "face_realism": realism.sum(),
-             "realism_images": applies.sum(), "faces": found.sum(), **{f"kept/{a}": keep[a].sum() for a in logits}}
+             "realism_images": applies.sum(), "faces": found.sum(), **{f"kept/{a}": keep[a].sum() for a in logits},
+             "preserve": preserve.sum() if preserve is not None else dal.new_zeros(()),
+             **{f"preserve_kept/{a}": k.sum() for a, k in (preserve_keep or {}).items() if preserve is not None}}
     return BatchLoss(total=total, parts={k: v.detach().float() for k, v in parts.items()})

@@ -33,10 +33,14 @@ PromptPadding = Literal["max_length", "natural"]
 OTCost = Literal["squared", "euclidean"]
 FacelessImageWeight = Literal["full", "smallest_change_factor"]
 FaceRealismImages = Literal["kept_target", "every_face"]
+PreserveMode = Literal["batch", "image"]
 LRSchedule = Literal["constant", "cosine"]
 Sampler = Literal["dpmsolver++", "ddim", "euler", "pipeline"]
 Tracker = Literal["auto", "tensorboard", "wandb", "none"]
 _TOKEN_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
+
+# The entry of ``preserve`` that stands for every attribute the classifier reads that no target covers.
+PRESERVE_UNTARGETED = "untargeted"
 
 
 def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -196,6 +200,23 @@ class FairTrainingConfig:
         "Images the face-realism loss applies to: 'kept_target', faces with at least one kept target, or "
         "'every_face', every detected face (the authors' joint runs).",
         "kept_target",
+    )
+    preserve: list[str] = _help(
+        "Attributes held at the frozen model's class distribution for the same prompt while the targets are trained: "
+        "names of attributes the classifier reads that no target covers, or ['untargeted'] for every such attribute; "
+        "[] holds none.",
+        factory=list,
+    )
+    preserve_mode: PreserveMode = _help(
+        "How a preserved attribute is held: 'batch' aligns the finetuned batch to the class frequencies of the frozen "
+        "model's images of the same noises (expected-OT targets, as the DAL, with dal_threshold); 'image' pulls each "
+        "finetuned face toward the class of the frozen model's face from the same noise.",
+        "batch",
+    )
+    weight_loss_preserve: float = _help(
+        "lambda_preserve: weight of the preservation loss (the cross-entropy toward each preserved attribute's "
+        "target, summed over the preserved attributes).",
+        1.0,
     )
     face_box_scale: float | None = _help(
         "Detected face boxes are grown into squares of this many times their longer side before cropping; "
@@ -388,7 +409,7 @@ class FairTrainingConfig:
         if self.guidance_scale < 1.0 or not math.isfinite(self.guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number >= 1 (1 turns guidance off), "
                              f"got {self.guidance_scale!r}")
-        for name in ("weight_decay", "weight_loss_img", "weight_loss_face"):
+        for name in ("weight_decay", "weight_loss_img", "weight_loss_face", "weight_loss_preserve"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -398,6 +419,7 @@ class FairTrainingConfig:
         for name in ("attribute_change_factors", "attribute_face_region_factors"):
             for attribute, factor in getattr(self, name).items():
                 _check_unit_interval(f"{name}[{attribute!r}]", factor)
+        _check_preserve(self.preserve)
         if self.dft_step_weights == "authors" and not self.standardize_dft:
             raise ValueError("dft_step_weights='authors' standardises the step weights in its own way; "
                              "it needs standardize_dft=True")
@@ -506,6 +528,17 @@ def _check_positive(config: FairTrainingConfig, name: str) -> None:
     value = getattr(config, name)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_preserve(preserve: list[str]) -> None:
+    """Attribute names without repeats, or ``['untargeted']`` alone (which attributes exist, the trainer checks)."""
+    if not all(isinstance(name, str) and name.strip() for name in preserve):
+        raise ValueError(f"preserve must list attribute names, got {preserve!r}")
+    if len(set(preserve)) != len(preserve):
+        raise ValueError(f"preserve names an attribute twice: {preserve!r}")
+    if PRESERVE_UNTARGETED in preserve and len(preserve) > 1:
+        raise ValueError(f"preserve={preserve!r}: {PRESERVE_UNTARGETED!r} stands for every untargeted attribute; "
+                         "give it alone or list the attributes")
 
 
 def _check_unit_interval(name: str, value: float) -> None:
