@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.components import TINY_CLIP, dinov2_processors, head, to_tensor
-from helpers.scripts import load_script
 from PIL import Image
 
 from diffusers_fair.components.classifiers import (
@@ -43,6 +41,9 @@ from diffusers_fair.components.mediapipe_detector import (
 )
 from diffusers_fair.method.boxes import crop_faces
 from diffusers_fair.method.face_alignment import FOUR_POINT_TEMPLATE, align_faces
+from helpers.components import TINY_CLIP, dinov2_processors, head, to_tensor
+from helpers.scripts import load_script
+
 
 REPO = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------- shared data

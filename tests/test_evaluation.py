@@ -41,6 +41,7 @@ from diffusers_fair.evaluation.results import (
     read_prompts,
 )
 
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of the face of a banker, a person", "a photo of the face of a welder, a person",
            "a photo of the face of a judge, a person"]
@@ -289,9 +290,8 @@ def test_resume_reuses_finished_prompts(toy_pipe, toy_components, tmp_path):
 
 
 def test_cli_eval_with_an_adaptor_writes_the_report(toy_pipe, tmp_path):
-    from helpers.adaptors import save_random_adaptor
-
     from diffusers_fair.cli import main
+    from helpers.adaptors import save_random_adaptor
 
     save_random_adaptor(tmp_path / "adaptor", toy_pipe, seed=1, name="toy-test")
     (tmp_path / "prompts.txt").write_text("# two toy prompts\n" + "\n".join(PROMPTS[:2]) + "\n\n")

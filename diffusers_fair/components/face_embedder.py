@@ -35,6 +35,7 @@ from ..method.boxes import crop_faces
 from ..method.face_alignment import align_faces
 from .base import FaceDetector, FaceEmbedder
 
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 
 EMBEDDER_FORMAT = "diffusers_fair.TorchvisionFaceEmbedder/1"
