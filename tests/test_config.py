@@ -31,6 +31,7 @@ CHOICES = {
     "ot_cost": ("squared", "euclidean"),
     "faceless_image_weight": ("full", "smallest_change_factor"),
     "face_realism_images": ("kept_target", "every_face"),
+    "preserve_mode": ("batch", "image"),
 }
 
 
@@ -118,6 +119,10 @@ def test_toy_preset_and_overrides():
     ("unet_lora_modules", ["to_q", ""], "must be a non-empty list of module names"),
     ("output_dir", "", "must not be empty"),
     ("sample_prompts", ["a doctor", " "], "must be non-empty strings"),
+    ("weight_loss_preserve", -0.5, "must be a finite number >= 0"),
+    ("preserve", ["age", "age"], "names an attribute twice"),
+    ("preserve", ["untargeted", "age"], "'untargeted' stands for every untargeted attribute"),
+    ("preserve", [""], "must list attribute names"),
     # not one of the choices
     ("mixed_precision", "fp8", "must be one of 'no', 'fp16', 'bf16', got 'fp8'"),
     ("dft_mode", "exact", "must be one of 'two_pass', 'one_graph', 'naive'"),
@@ -125,6 +130,7 @@ def test_toy_preset_and_overrides():
     ("lr_schedule", "linear", "must be one of 'constant', 'cosine'"),
     ("log_with", "mlflow", "must be one of 'auto', 'tensorboard', 'wandb', 'none'"),
     ("log_with", None, "must be one of"),
+    ("preserve_mode", "cell", "must be one of 'batch', 'image', got 'cell'"),
     # of the wrong type
     ("num_iterations", 2.5, "must be an integer, got float 2.5"),
     ("num_iterations", "100", "must be an integer, got str '100'"),
@@ -137,6 +143,7 @@ def test_toy_preset_and_overrides():
     ("base_model", None, "must be a string, got NoneType None"),
     ("resume_from", 3, "must be a string or None"),
     ("text_encoder_lora_modules", "q_proj", "must be a list of strings, got str 'q_proj'"),
+    ("preserve", "untargeted", "must be a list of strings, got str 'untargeted'"),
     ("sample_prompts", ["a", 3], "must be a list of strings"),
     ("attribute_change_factors", [("race", 0.6)], "must be a mapping of attribute names to numbers"),
     ("attribute_change_factors", {"race": "0.6"}, "must be a mapping of attribute names to numbers"),

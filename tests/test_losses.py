@@ -434,11 +434,13 @@ def test_loss_weights_refuse_unknown_rules():
 def test_loss_weights_come_from_the_configs_fields_of_the_same_names():
     from diffusers_fair.training.config import FairTrainingConfig
 
-    config = FairTrainingConfig.toy(weight_loss_img=3.0, attribute_change_factors={"gender": 0.5}, own_face_confidence=0.8)
+    config = FairTrainingConfig.toy(weight_loss_img=3.0, attribute_change_factors={"gender": 0.5}, own_face_confidence=0.8,
+                                    weight_loss_preserve=0.3)
     weights = losses.LossWeights.from_config(config)
     assert weights == losses.LossWeights(
         weight_loss_img=3.0, weight_loss_face=config.weight_loss_face, image_change_factor=config.image_change_factor,
-        attribute_change_factors={"gender": 0.5}, face_region_factor=config.face_region_factor, own_face_confidence=0.8)
+        attribute_change_factors={"gender": 0.5}, face_region_factor=config.face_region_factor, own_face_confidence=0.8,
+        weight_loss_preserve=0.3)
     joint = FairTrainingConfig.toy(attribute_face_region_factors={"race": 0.3}, face_realism_images="every_face",
                                    faceless_image_weight="smallest_change_factor")
     weights = losses.LossWeights.from_config(joint)

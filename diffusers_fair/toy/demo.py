@@ -14,6 +14,8 @@ Steps, all on the toy world shipped in the package (``diffusers_fair.toy``):
    the soft tokens of an adaptor that has them in front of every prompt) with
    :func:`~diffusers_fair.adaptors.pipeline.load_fair_adaptor` and audit the held-out words again, from the same noise.
 4. Write ``report.json``, ``report.md``, bar charts of the distributions and before/after image grids.
+   Next to the targeted attributes' bias they show how far every attribute's class shares moved
+   (:func:`share_drift`): for an attribute no target covers, that is drift nobody asked for.
 """
 
 from __future__ import annotations
@@ -198,6 +200,7 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
         "targets": [str(target) for target in experiment.targets],
         "shares_before": {a: before.summary[a].shares for a in TRAITS},
         "shares_after": {a: after.summary[a].shares for a in TRAITS},
+        "drift": {a: share_drift(before.summary[a].shares, after.summary[a].shares) for a in TRAITS},
         "similarity": image_similarity(before.images, after.images, components),
         "trainable": experiment.trainable,
         "held_out_words": [w.name for w in held_out],
@@ -218,6 +221,15 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
     return report
 
 
+def share_drift(before: dict[str, float], after: dict[str, float]) -> float:
+    """How far an attribute's class shares moved: the total variation distance ``0.5 sum_c |after_c - before_c|``.
+
+    0 when every class keeps its share, 1 when the classes swapped completely. Grey hair going from a
+    share of 0.27 to 0.66 is a drift of 0.39.
+    """
+    return 0.5 * sum(abs(after[c] - before[c]) for c in before)
+
+
 @torch.no_grad()
 def image_similarity(before: torch.Tensor, after: torch.Tensor, components) -> float:
     """Mean cosine similarity of the scene embeddings of image pairs from the same noise.
@@ -230,14 +242,18 @@ def image_similarity(before: torch.Tensor, after: torch.Tensor, components) -> f
 
 
 def write_markdown(out: Path, report: dict) -> Path:
+    """``report.md``: per attribute the bias before and after and the drift of its class shares, then the shares."""
     lines = [f"# {report['title']}", "", f"Targets: {'; '.join(report['targets'])}.", "",
              f"Held-out words: {', '.join(report['held_out_words'])}.", "",
-             "| attribute | slot | bias before | bias after | debiased |", "|---|---|---|---|---|"]
+             "| attribute | slot | bias before | bias after | debiased | share drift |", "|---|---|---|---|---|---|"]
     slots = {v: k for k, v in world.load_world()["slots"].items()}
     for a in TRAITS:
+        drift = share_drift(report["shares_before"][a], report["shares_after"][a])
         lines.append(f"| {a} | {slots[a]} | {report['before'][a]:.3f} | {report['after'][a]:.3f} | "
-                     f"{'yes' if a in report['debiased'] else 'no'} |")
-    lines += ["", f"Similarity to the base model's images from the same noise (scene embedding): {report['similarity']:.3f}.",
+                     f"{'yes' if a in report['debiased'] else 'no'} | {drift:.3f} |")
+    lines += ["", "Share drift: how far the class shares over all held-out images moved (total variation distance, "
+              "0 to 1). A debiased attribute moves on purpose; an attribute that is not debiased should stay near 0.",
+              "", f"Similarity to the base model's images from the same noise (scene embedding): {report['similarity']:.3f}.",
               "", "Class shares over all held-out images:", "", "| attribute | before | after |", "|---|---|---|"]
     def fmt(shares: dict) -> str:
         return ", ".join(f"{c} {v:.2f}" for c, v in shares.items())
@@ -268,9 +284,14 @@ def plot_bias(out: Path, report: dict) -> Path:
     return path
 
 
-def plot_shares(out: Path, before: AuditResult, after: AuditResult, attributes: list[str]) -> Path:
-    """Per word, the generated share of each class, before (left bar) and after (right bar)."""
+def plot_shares(out: Path, before: AuditResult, after: AuditResult, debiased: list[str]) -> Path:
+    """Per word and attribute, the generated share of each class, before (left bar) and after (right bar).
+
+    Every attribute gets a panel, the debiased ones first; each title gives the drift of the
+    attribute's shares over all words (:func:`share_drift`).
+    """
     plt = pyplot()
+    attributes = [a for a in TRAITS if a in debiased] + [a for a in TRAITS if a not in debiased]
     fig, axes = plt.subplots(len(attributes), 1, figsize=(10, 3.2 * len(attributes)), squeeze=False)
     names = [w.word for w in before.words]
     x = np.arange(len(names))
@@ -283,7 +304,9 @@ def plot_shares(out: Path, before: AuditResult, after: AuditResult, attributes: 
                 ax.bar(x + offset, h, 0.38, bottom=bottom, color=colours[i], hatch=hatch, edgecolor="white",
                        linewidth=0.3, label=c if result is after else None)
                 bottom += h
-        ax.set_title(f"{attr}: base model (hatched) vs with the fair adaptor")
+        drift = share_drift(before.summary[attr].shares, after.summary[attr].shares)
+        role = "debiased" if attr in debiased else "not debiased"
+        ax.set_title(f"{attr} ({role}, share drift {drift:.2f}): base model (hatched) vs with the fair adaptor")
         ax.set_xticks(x, names, rotation=60, fontsize=7)
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.12, 1))

@@ -9,12 +9,14 @@ prompts:
 2. **Reference images**: the frozen model (adapters disabled, no soft tokens, no gradient) samples
    the same noises. Their faces, classes, image and face embeddings anchor the other losses.
 3. **Targets**: the finetuned model's faces are classified and the class probabilities of the whole
-   batch (gathered across processes) give the dynamic targets (``alignment.dynamic_targets``).
-   With one micro-batch per process this happens inside the loss; with several, a no-grad pass
-   over all micro-batches first computes the targets of the whole batch.
+   batch (gathered across processes) give the dynamic targets (``alignment.dynamic_targets``), and
+   the targets that hold the preserved attributes at the reference images' classes
+   (``losses.preserve_targets``). With one micro-batch per process this happens inside the loss;
+   with several, a no-grad pass over all micro-batches first computes the targets of the whole batch.
 4. **Adjusted backward** (``dft.adjusted_backward``) per micro-batch with a loss on ``z_0``: decode
    with the VAE, detect faces on the detached images, crop with gradient, classify; the DAL, the
-   dynamically weighted image-semantics loss and the face-realism loss (``losses.py``).
+   dynamically weighted image-semantics loss, the face-realism loss and the preservation loss
+   (``losses.py``).
 5. **Update**: sum the gradients over processes, skip the step if anything is NaN or infinite,
    clip, AdamW, and update the EMA of the trained weights (the EMA is what gets saved).
 
@@ -46,7 +48,7 @@ from ..components.faces import FaceReading, read_faces
 from ..method import losses
 from ..method.dft import adjusted_backward, check_scheduler, sample_latents
 from . import checkpointing, trainable
-from .config import FairTrainingConfig
+from .config import PRESERVE_UNTARGETED, FairTrainingConfig
 from .draws import TrainingDraw, derive_seed, draw_iteration
 from .prompts import resolve_prompt_sets
 from .setup_checks import check_components
@@ -57,7 +59,7 @@ LOG_FILE = "training_log.jsonl"
 
 @dataclass
 class BatchTargets:
-    """The dynamic targets of this process's images, computed from the whole batch (all processes).
+    """The targets of this process's images, computed from the whole batch (all processes).
 
     Attributes:
         finite: ``False`` when a classifier probability of the batch is NaN or infinite; there are no
@@ -65,12 +67,19 @@ class BatchTargets:
         labels: attribute -> ``(n,)`` target class of each local image (-1 without a face).
         keep: attribute -> ``(n,)`` bool, the target is confident enough to train on.
         class_counts: attribute -> ``(K,)`` counts of the batch's predicted classes (the same on every process).
+        preserve_labels, preserve_keep: the same as ``labels`` and ``keep``, for the preserved attributes.
+        untargeted_counts: untargeted attribute -> ``(K,)`` counts of the batch's predicted classes.
+        base_counts: untargeted attribute -> ``(K,)`` counts of the reference images' classes.
     """
 
     finite: bool
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     keep: dict[str, torch.Tensor] = field(default_factory=dict)
     class_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    preserve_labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    preserve_keep: dict[str, torch.Tensor] = field(default_factory=dict)
+    untargeted_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def learning_rate_at(iteration: int, config: FairTrainingConfig) -> float:
@@ -85,6 +94,28 @@ def learning_rate_at(iteration: int, config: FairTrainingConfig) -> float:
     progress = (iteration - warmup) / max(1, config.num_iterations - 1 - warmup)
     final = config.lr_final_ratio
     return config.learning_rate * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def preserved_attributes(preserve: list[str], known: dict, targeted: list[str]) -> list[str]:
+    """The attributes ``preserve`` holds for a prompt set whose targets cover ``targeted``, in the order of
+    ``known`` (the classifier's attributes): every untargeted one for ``['untargeted']``, else those named.
+
+    Raises:
+        ValueError: naming an attribute the classifier does not read, or one that a target covers.
+    """
+    if preserve == [PRESERVE_UNTARGETED]:
+        return [a for a in known if a not in targeted]
+    for name in preserve:
+        if name not in known:
+            raise ValueError(f"preserve names {name!r}, which the classifier does not read (it reads {sorted(known)})")
+        if name in targeted:
+            raise ValueError(f"{name!r} is both targeted and preserved: remove it from preserve or from the targets")
+    return [a for a in known if a in preserve]
+
+
+def _class_counts(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(K,)`` counts of a batch's classes, ``-1`` (no face) left out."""
+    return torch.bincount(classes[classes >= 0].cpu(), minlength=num_classes)
 
 
 def ema_decay_at(update: int, decay: float, warmup: bool) -> float:
@@ -119,6 +150,11 @@ class DistributionalAlignmentTrainer:
         self.config = config.validate()
         self.prompt_sets = resolve_prompt_sets(prompts, targets)
         check_components(components, self.prompt_sets, config)
+        # Per prompt set: the attributes the classifier reads that no target covers, and those held in place.
+        known = components.classifier.attributes
+        targeted = [[a for t in prompt_set.targets for a in t.attributes] for prompt_set in self.prompt_sets]
+        self.untargeted = [[a for a in known if a not in covered] for covered in targeted]
+        self.preserved = [preserved_attributes(config.preserve, known, covered) for covered in targeted]
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipeline, part, None) is None:
                 raise ValueError(f"the pipeline has no {part}")
@@ -171,6 +207,8 @@ class DistributionalAlignmentTrainer:
         self.ema_updates = 0
         self.nonfinite_steps = 0
         self.windows: dict[str, deque] = {}  # attribute -> class counts of recent iterations
+        self.untargeted_windows: dict[str, deque] = {}  # the same for the untargeted attributes
+        self.base_windows: dict[str, deque] = {}  # ... and for the reference images' untargeted attributes
         self.history: list[dict] = []
 
     # ------------------------------------------------------------------ setup
@@ -321,20 +359,38 @@ class DistributionalAlignmentTrainer:
         return losses.ReferenceImages(faces.found, faces.crop_boxes, classes, confidence, image_embeddings,
                                       faces.face_embeddings)
 
-    def _alignment_targets(self, draw: TrainingDraw, probs: dict, found: torch.Tensor) -> BatchTargets:
-        """The dynamic targets of the local images, from the whole batch gathered across processes."""
+    def _alignment_targets(self, draw: TrainingDraw, probs: dict, found: torch.Tensor,
+                           reference: losses.ReferenceImages) -> BatchTargets:
+        """The targets of the local images, from the whole batch gathered across processes: the dynamic
+        targets and those of the preserved attributes (from ``reference``, the local reference images)."""
+        cfg, prompt_set = self.config, self.prompt_sets[draw.prompt_set]
+        preserved, untargeted = self.preserved[draw.prompt_set], self.untargeted[draw.prompt_set]
         found_all = self._gather(found.long()).bool()
         probs_all = {a: self._gather(p.float()) for a, p in probs.items()}
-        if not all(torch.isfinite(p[found_all]).all() for p in probs_all.values()):
+        trained = [a for t in prompt_set.targets for a in t.attributes] + preserved
+        if not all(torch.isfinite(probs_all[a][found_all]).all() for a in trained):
             return BatchTargets(finite=False)
         labels, keep, counts = losses.batch_dynamic_targets(
-            probs_all, found_all, self.prompt_sets[draw.prompt_set].targets, threshold=self.config.dal_threshold,
-            monte_carlo_samples=self.config.ot_monte_carlo_samples, seed=draw.ot_seed, cost=self.config.ot_cost)
-        return BatchTargets(finite=True, labels={a: self._local(x) for a, x in labels.items()},
-                            keep={a: self._local(x) for a, x in keep.items()}, class_counts=counts)
+            probs_all, found_all, prompt_set.targets, threshold=cfg.dal_threshold,
+            monte_carlo_samples=cfg.ot_monte_carlo_samples, seed=draw.ot_seed, cost=cfg.ot_cost)
+        original = {a: self._gather(reference.classes[a]) for a in untargeted}
+        preserve_labels, preserve_keep = losses.preserve_targets(
+            {a: probs_all[a] for a in preserved}, found_all, {a: original[a] for a in preserved},
+            mode=cfg.preserve_mode, threshold=cfg.dal_threshold, monte_carlo_samples=cfg.ot_monte_carlo_samples,
+            seed=draw.ot_seed + len(prompt_set.targets), cost=cfg.ot_cost)
+        classes = {a: torch.where(found_all, probs_all[a].argmax(dim=1), -1) for a in untargeted}
+        sizes = {a: probs_all[a].shape[1] for a in untargeted}
+        return BatchTargets(
+            finite=True, labels={a: self._local(x) for a, x in labels.items()},
+            keep={a: self._local(x) for a, x in keep.items()}, class_counts=counts,
+            preserve_labels={a: self._local(x) for a, x in preserve_labels.items()},
+            preserve_keep={a: self._local(x) for a, x in preserve_keep.items()},
+            untargeted_counts={a: _class_counts(classes[a], sizes[a]) for a in untargeted},
+            base_counts={a: _class_counts(original[a], sizes[a]) for a in untargeted})
 
     @torch.no_grad()
-    def _targets_before_backward(self, draw: TrainingDraw, noise: torch.Tensor, micro_batches: list[slice]):
+    def _targets_before_backward(self, draw: TrainingDraw, noise: torch.Tensor, micro_batches: list[slice],
+                                 reference: losses.ReferenceImages):
         """With several micro-batches: sample each once without grad, read its faces, compute the batch's targets."""
         probs, found = {}, []
         for rows in micro_batches:
@@ -342,7 +398,7 @@ class DistributionalAlignmentTrainer:
             for attribute, logits in faces.logits.items():
                 probs.setdefault(attribute, []).append(torch.softmax(logits, dim=1))
             found.append(faces.found)
-        return self._alignment_targets(draw, {a: torch.cat(p) for a, p in probs.items()}, torch.cat(found))
+        return self._alignment_targets(draw, {a: torch.cat(p) for a, p in probs.items()}, torch.cat(found), reference)
 
     def _loss_fn(self, draw: TrainingDraw, rows: slice, reference: losses.ReferenceImages, targets):
         """The loss of micro-batch ``rows`` as a function of its ``z_0`` (``losses.alignment_batch_loss``).
@@ -350,7 +406,8 @@ class DistributionalAlignmentTrainer:
         The function returns ``(loss, (targets, parts))``: the batch's :class:`BatchTargets` (``targets``,
         or, when ``targets`` is ``None``, those computed from these very images, then the whole local
         batch) and the detached sums of the micro-batch's loss parts. Without finite targets the loss
-        is a zero attached to ``z_0`` (the backward adds nothing) and ``parts`` is empty.
+        is a zero attached to ``z_0`` (the backward adds nothing) and ``parts`` is empty. ``reference``
+        holds the reference images of the whole local batch.
         """
         cfg, components = self.config, self.components
         attributes = [a for t in self.prompt_sets[draw.prompt_set].targets for a in t.attributes]
@@ -364,17 +421,21 @@ class DistributionalAlignmentTrainer:
             logits = {a: l for a, l in faces.logits.items() if a in attributes}
             batch = targets
             if batch is None:
-                probs = {a: torch.softmax(l.detach(), dim=1) for a, l in logits.items()}
-                batch = self._alignment_targets(draw, probs, faces.found)
+                probs = {a: torch.softmax(l.detach(), dim=1) for a, l in faces.logits.items()}
+                batch = self._alignment_targets(draw, probs, faces.found, reference)
             if not batch.finite:
                 return zero, (batch, {})
             labels = {a: x[rows] for a, x in batch.labels.items()}
             keep = {a: x[rows] & faces.found for a, x in batch.keep.items()}
+            preserve_labels = {a: x[rows] for a, x in batch.preserve_labels.items()}
+            preserve_keep = {a: x[rows] & faces.found for a, x in batch.preserve_keep.items()}
             result = losses.alignment_batch_loss(
                 images, faces.found, faces.crop_boxes, logits, labels, keep, reference[rows],
                 image_embedders=components.image_embedders, face_embedder=components.face_embedder,
                 face_bank=self.face_bank, weights=self.loss_weights, num_images=num_images,
-                landmarks=faces.landmarks if cfg.align_faces else None)
+                landmarks=faces.landmarks if cfg.align_faces else None,
+                preserve_logits={a: faces.logits[a] for a in preserve_labels}, preserve_labels=preserve_labels,
+                preserve_keep=preserve_keep)
             loss = self.scaler.scale(result.total)  # unchanged unless fp16
             return loss + zero, (batch, {"loss": result.total.detach() * num_images, **result.parts})
 
@@ -388,7 +449,8 @@ class DistributionalAlignmentTrainer:
         micro_batches = [slice(i, min(i + cfg.micro_batch_size, self.local_images))
                          for i in range(0, self.local_images, cfg.micro_batch_size)]
         self.optimizer.zero_grad(set_to_none=False)
-        draws, sums, class_counts, finite = [], {}, {}, True
+        draws, sums, finite = [], {}, True
+        counts = {"targeted": {}, "untargeted": {}, "base": {}}  # kind -> attribute -> class counts
         for index in range(cfg.gradient_accumulation_steps):
             # 1. Draw the prompt, the step count and the initial noises of the batch: the same on every
             #    process and after a resume. This process takes its share of the noises.
@@ -399,9 +461,11 @@ class DistributionalAlignmentTrainer:
                 #    embeddings anchor the losses.
                 reference = self._reference(draw, noise, micro_batches)
 
-                # 3. Alignment targets of the whole batch (all processes). With one micro-batch the loss
-                #    computes them from the very images it reads; with several, a no-grad pass comes first.
-                targets = self._targets_before_backward(draw, noise, micro_batches) if len(micro_batches) > 1 else None
+                # 3. Alignment and preservation targets of the whole batch (all processes). With one micro-batch
+                #    the loss computes them from the very images it reads; with several, a no-grad pass comes first.
+                targets = None
+                if len(micro_batches) > 1:
+                    targets = self._targets_before_backward(draw, noise, micro_batches, reference)
 
                 # 4. Adjusted backward: each micro-batch adds the gradient of its share of the batch loss
                 #    to .grad; its loss hands back the batch's targets and the sums of its loss parts.
@@ -421,8 +485,10 @@ class DistributionalAlignmentTrainer:
                 finite = False
                 break
             draws.append(draw)
-            for attribute, count in targets.class_counts.items():
-                class_counts[attribute] = class_counts.get(attribute, 0) + count
+            for kind, batch_counts in (("targeted", targets.class_counts), ("untargeted", targets.untargeted_counts),
+                                       ("base", targets.base_counts)):
+                for attribute, count in batch_counts.items():
+                    counts[kind][attribute] = counts[kind].get(attribute, 0) + count
 
         # 5. Update: sum the gradients and the loss parts over the processes, skip the step if anything is
         #    NaN or infinite, clip, AdamW, EMA. The sum is taken here, once per iteration, instead of by
@@ -460,7 +526,7 @@ class DistributionalAlignmentTrainer:
             self.scaler.update()  # halve the scale after an overflow, grow it after a run of good steps
         self.iteration += 1
 
-        record = self._record(iteration, draws, totals, class_counts, finite, grad_norm, time.time() - start)
+        record = self._record(iteration, draws, totals, counts, finite, grad_norm, time.time() - start)
         if not finite and self.nonfinite_steps > cfg.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{self.nonfinite_steps} iterations had NaN or infinite losses or gradients (the last: iteration "
@@ -470,7 +536,7 @@ class DistributionalAlignmentTrainer:
         return record
 
     # ------------------------------------------------------------------ logging
-    def _record(self, iteration, draws, totals, class_counts, finite, grad_norm, seconds) -> dict:
+    def _record(self, iteration, draws, totals, counts, finite, grad_norm, seconds) -> dict:
         cfg = self.config
         n = cfg.images_per_prompt * cfg.gradient_accumulation_steps
         record = {"iteration": iteration + 1, "prompts": [d.prompt for d in draws],
@@ -483,29 +549,46 @@ class DistributionalAlignmentTrainer:
         if totals:
             record.update(loss=totals["loss"] / n, dal=totals["dal"] / n, semantics=totals["semantics"] / n,
                           face_realism=totals["face_realism"] / max(totals["realism_images"], 1.0),
-                          faces_found=totals["faces"] / n,
-                          kept={k[5:]: v / n for k, v in totals.items() if k.startswith("kept/")})
-        def frequencies(attribute, counts):
-            total = max(float(sum(counts)), 1.0)
-            return {c: float(x) / total for c, x in zip(self.components.classifier.attributes[attribute], counts)}
-
-        batch, running = {}, {}
-        for attribute, counts in class_counts.items():
-            window = self.windows.setdefault(attribute, deque(maxlen=cfg.distribution_window))
-            window.append(counts.tolist())
-            batch[attribute] = frequencies(attribute, counts.tolist())
-            running[attribute] = frequencies(attribute, np.sum(list(window), axis=0).tolist())
+                          faces_found=totals["faces"] / n, preserve=totals["preserve"] / n,
+                          kept={k[5:]: v / n for k, v in totals.items() if k.startswith("kept/")},
+                          preserve_kept={k[14:]: v / n for k, v in totals.items() if k.startswith("preserve_kept/")})
+        batch, running = self._distributions(self.windows, counts["targeted"])
         record.update(batch_distribution=batch, running_distribution=running)
+        # The attributes no target covers: where the finetuned model's images have them, and where the
+        # reference images of the same noises do (their difference is the drift).
+        batch, running = self._distributions(self.untargeted_windows, counts["untargeted"])
+        record.update(untargeted_batch_distribution=batch, untargeted_running_distribution=running)
+        _, base = self._distributions(self.base_windows, counts["base"])
+        record.update(base_running_distribution=base)
         self.history.append(record)
         if self.accelerator.is_main_process:
             with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            names = ("loss", "dal", "semantics", "face_realism", "faces_found", "lr")
+            names = ("loss", "dal", "semantics", "face_realism", "preserve", "faces_found", "lr")
             scalars = {k: record[k] for k in names if k in record}
             scalars.update({f"kept/{a}": v for a, v in record.get("kept", {}).items()})
-            scalars.update({f"distribution/{a}/{c}": v for a, d in running.items() for c, v in d.items()})
+            scalars.update({f"preserve_kept/{a}": v for a, v in record.get("preserve_kept", {}).items()})
+            for prefix, key in (("distribution", "running_distribution"),
+                                ("distribution", "untargeted_running_distribution"),
+                                ("base_distribution", "base_running_distribution")):
+                scalars.update({f"{prefix}/{a}/{c}": v for a, d in record[key].items() for c, v in d.items()})
             self.accelerator.log(scalars, step=iteration + 1)
         return record
+
+    def _distributions(self, windows: dict, counts: dict) -> tuple[dict, dict]:
+        """Per attribute, the class frequencies of ``counts`` (this iteration) and of the counts of the last
+        ``distribution_window`` iterations, after adding ``counts`` to ``windows``."""
+        def frequencies(attribute, values):
+            total = max(float(sum(values)), 1.0)
+            return {c: float(x) / total for c, x in zip(self.components.classifier.attributes[attribute], values)}
+
+        batch, running = {}, {}
+        for attribute, count in counts.items():
+            window = windows.setdefault(attribute, deque(maxlen=self.config.distribution_window))
+            window.append(count.tolist())
+            batch[attribute] = frequencies(attribute, count.tolist())
+            running[attribute] = frequencies(attribute, np.sum(list(window), axis=0).tolist())
+        return batch, running
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict]:
@@ -576,6 +659,8 @@ class DistributionalAlignmentTrainer:
             counters = {"iteration": self.iteration, "ema_updates": self.ema_updates,
                         "nonfinite_steps": self.nonfinite_steps,
                         "windows": {a: list(w) for a, w in self.windows.items()},
+                        "untargeted_windows": {a: list(w) for a, w in self.untargeted_windows.items()},
+                        "base_windows": {a: list(w) for a, w in self.base_windows.items()},
                         "grad_scaler": self.scaler.state_dict()}
             tensors, state = checkpointing.pack_training_state(self.params, self.ema, self.optimizer, counters)
             state["config"] = self.config.to_dict()
@@ -589,7 +674,9 @@ class DistributionalAlignmentTrainer:
         counters = checkpointing.restore_training_state(path, self.params, self.ema, self.optimizer)
         self.iteration, self.ema_updates = counters["iteration"], counters["ema_updates"]
         self.nonfinite_steps = counters["nonfinite_steps"]
-        self.windows = {a: deque(w, maxlen=self.config.distribution_window) for a, w in counters["windows"].items()}
+        self.windows, self.untargeted_windows, self.base_windows = (
+            {a: deque(w, maxlen=self.config.distribution_window) for a, w in counters.get(name, {}).items()}
+            for name in ("windows", "untargeted_windows", "base_windows"))
         if counters.get("grad_scaler"):
             self.scaler.load_state_dict(counters["grad_scaler"])
         if self.accelerator.is_main_process:
@@ -660,7 +747,10 @@ def plot_loss_curve(log_file: str | Path, png_file: str | Path) -> Path | None:
         return None
     figure, axis = plt.subplots(figsize=(7, 4))
     steps = [r["iteration"] for r in records]
-    for key in ("loss", "dal", "semantics", "face_realism"):
+    keys = ["loss", "dal", "semantics", "face_realism"]
+    if any(r.get("preserve") for r in records):  # a run that preserves attributes
+        keys.append("preserve")
+    for key in keys:
         axis.plot(steps, [r[key] for r in records], label=key)
     axis.set_xlabel("iteration")
     axis.set_yscale("symlog", linthresh=1e-3)
