@@ -204,7 +204,7 @@ class FairTrainingConfig:
     preserve: list[str] = _help(
         "Attributes held at the frozen model's class distribution for the same prompt while the targets are trained: "
         "names of attributes the classifier reads that no target covers, or ['untargeted'] for every such attribute; "
-        "[] holds none.",
+        "[] (the default, the paper's loss) holds none.",
         factory=list,
     )
     preserve_mode: PreserveMode = _help(
@@ -215,8 +215,9 @@ class FairTrainingConfig:
     )
     weight_loss_preserve: float = _help(
         "lambda_preserve: weight of the preservation loss (the cross-entropy toward each preserved attribute's "
-        "target, summed over the preserved attributes).",
-        1.0,
+        "target, summed over the preserved attributes). 0.3 held the toy demo's untargeted trait in place without "
+        "giving up the targeted balance; 1.0 gave up some of it.",
+        0.3,
     )
     face_box_scale: float | None = _help(
         "Detected face boxes are grown into squares of this many times their longer side before cropping; "
