@@ -194,8 +194,10 @@ def test_micro_batches_give_the_same_step(tmp_path):
     for key in ("loss", "dal", "semantics", "face_realism"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
     assert a["kept"] == b["kept"]
+    # Adam's first step moves a weight by about lr * sign(grad) (lr 1e-2 here); a weight whose gradient is
+    # near Adam's eps moves by a part of that which depends on the order of the float sums, so 1e-4 = lr / 100.
     for name, p in one.params.items():
-        torch.testing.assert_close(p, two.params[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, two.params[name], rtol=1e-4, atol=1e-4)
 
 
 def test_several_targets_and_prompt_sets_with_their_own_targets(tmp_path):
