@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..adaptors.metadata import DEFAULT_SOFT_TOKEN, SD15
+from ._outputs import positive_int
 
 
 NAME = "convert"
@@ -20,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--description", default="", help="one paragraph for the model card")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the last iterate instead of the EMA weights")
     parser.add_argument("--soft-token", default=DEFAULT_SOFT_TOKEN, help=f"token name for soft tokens (default: {DEFAULT_SOFT_TOKEN})")
-    parser.add_argument("--text-hidden-size", type=int, default=None, help="text encoder hidden size, where the files cannot tell it")
-    parser.add_argument("--cross-attention-dim", type=int, default=None, help="U-Net cross-attention size, where the files cannot tell it")
+    parser.add_argument("--text-hidden-size", type=positive_int, default=None, help="text encoder hidden size, where the files cannot tell it")
+    parser.add_argument("--cross-attention-dim", type=positive_int, default=None, help="U-Net cross-attention size, where the files cannot tell it")
     parser.add_argument("--license", default=None,
                         help="Hub license id of the weights (default: the base model's, creativeml-openrail-m "
                              "for SD 1.5)")

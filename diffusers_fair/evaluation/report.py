@@ -237,6 +237,9 @@ def write_report(result: EvalResult, out_dir: str | Path, *, plots: bool = True)
         grids = plot_grids(result, out / "grids")
         figures["Image grids"] = [os.path.relpath(p, out) for p in grids]
         paths.update({f"grid {i}": p for i, p in enumerate(grids)})
-    paths["results"].write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    paths["report"].write_text(markdown(result, figures))
+    # Each file under a temporary name, then renamed: a report interrupted half-way is absent, not partial.
+    for key, text in (("results", json.dumps(result.to_dict(), indent=1) + "\n"), ("report", markdown(result, figures))):
+        partial = paths[key].with_name(paths[key].name + ".tmp")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, paths[key])
     return paths

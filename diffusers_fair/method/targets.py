@@ -22,8 +22,10 @@ Examples::
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,6 +33,10 @@ import torch
 
 # A probability vector may miss a sum of 1 by this much (float32 round-off of user input).
 SUM_TOLERANCE = 1e-6
+
+# The most cells a target may have: 12 binary attributes, or gender x 7 races x 9 ages many times over.
+# A product of many attributes grows exponentially; the bound refuses it before anything is allocated.
+MAX_CELLS = 4096
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\- ]+$")
 
@@ -57,10 +63,18 @@ def _check_class_names(attribute: str, class_names: Sequence[str]) -> tuple[str,
     names = tuple(_check_name(name, f"class name of {attribute!r}") for name in class_names)
     if not names:
         raise ValueError(f"attribute {attribute!r} needs at least one class")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise ValueError(f"attribute {attribute!r} has duplicate class names: {duplicates}")
+    _check_num_cells(len(names), f"attribute {attribute!r}")
     return names
+
+
+def _check_num_cells(num_cells: int, what: str) -> None:
+    """Refuse a target of more than :data:`MAX_CELLS` cells, before its table is allocated."""
+    if num_cells > MAX_CELLS:
+        raise ValueError(f"{what} would have {num_cells} cells; a target may have at most {MAX_CELLS} cells "
+                         "(fewer attributes or classes)")
 
 
 def _check_number(value: object, what: str) -> float:
@@ -69,7 +83,16 @@ def _check_number(value: object, what: str) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{what} must be a number, got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        raise ValueError(f"{what} is not a finite number: {_short(value)}") from None
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a huge integer has thousands of digits)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _check_probabilities(values: torch.Tensor, what: str) -> torch.Tensor:
@@ -155,8 +178,10 @@ class TargetDistribution:
             for attr, names in classes.items()
         }
         shape = tuple(len(names) for names in checked.values())
+        _check_num_cells(math.prod(shape), f"a joint target over {tuple(checked)}")
         if isinstance(table, Mapping):
             values = torch.zeros(shape, dtype=torch.float64)
+            given = set()
             for cell, prob in table.items():
                 cell = (cell,) if isinstance(cell, str) else tuple(cell)
                 if len(cell) != len(checked):
@@ -166,9 +191,16 @@ class TargetDistribution:
                     if name not in names:
                         raise ValueError(f"unknown class {name!r} for attribute {attr!r}")
                     index.append(names.index(name))
+                # "female" and ("female",) name the same cell; keeping either value silently would be a guess.
+                if tuple(index) in given:
+                    raise ValueError(f"cell {cell!r} is given twice in the table")
+                given.add(tuple(index))
                 values[tuple(index)] = _check_number(prob, f"probability of cell {cell}")
         else:
-            values = torch.as_tensor(table, dtype=torch.float64)
+            try:
+                values = torch.as_tensor(table, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+                raise ValueError(f"table must be a mapping of cells or an array of numbers: {error}") from None
             if tuple(values.shape) != shape:
                 raise ValueError(f"table has shape {tuple(values.shape)}, expected {shape}")
         flat = _check_probabilities(values.reshape(-1).clone(), f"joint target over {tuple(checked)}")
@@ -291,6 +323,8 @@ class TargetDistribution:
         shared = set(self.attributes) & set(other.attributes)
         if shared:
             raise ValueError(f"cannot multiply targets sharing attributes {sorted(shared)}")
+        _check_num_cells(self.num_classes * other.num_classes,
+                         f"the product of the targets over {self.attributes + other.attributes}")
         probs = torch.outer(self.probs, other.probs).reshape(-1)
         return TargetDistribution._from_parts({**self.classes, **other.classes}, probs)
 

@@ -21,6 +21,7 @@ Steps, all on the toy world shipped in the package (``diffusers_fair.toy``):
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,6 +137,26 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
     return run_experiment(out, demo_experiment(), settings)
 
 
+def check_demo_inputs(out: Path, settings: DemoSettings) -> None:
+    """Check the settings and create the output folder ``out``, before the first audit.
+
+    Raises:
+        ValueError: a setting of the wrong type or out of range; ``out`` is a file or cannot be written.
+    """
+    held_out = len(world.words("occupation", "test"))
+    for name, low, high in (("images_per_word", 1, None), ("num_words", 1, held_out)):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise ValueError(f"output folder {out} cannot be written: {error.strerror or error}") from None
+
+
 def audit_settings(settings: DemoSettings) -> dict:
     """The audit's sampling settings: the toy preset's guidance and its largest step count."""
     config = FairTrainingConfig.toy()
@@ -161,7 +182,7 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
 
     settings = settings or DemoSettings()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_demo_inputs(out, settings)
     components = load_toy_components()
     run_settings = {
         "num_iterations": settings.iterations, "images_per_prompt": settings.images_per_prompt,

@@ -220,10 +220,29 @@ def restore_training_state(
 
 
 def truncate_log(log_file: str | Path, iteration: int) -> None:
-    """Drop the records of iterations after ``iteration`` from a JSONL training log (after a resume)."""
+    """Drop the records of iterations after ``iteration`` from a JSONL training log (after a resume).
+
+    A last line that does not parse was torn by a crash while it was written: it is dropped.
+
+    Raises:
+        ValueError: another line is not a JSON record with an ``iteration`` (a corrupt log).
+    """
     log_file = Path(log_file)
     if not log_file.exists():
         return
-    kept = [line for line in log_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= iteration]
+    lines = [(number, line) for number, line in enumerate(log_file.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    kept = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
+                raise ValueError("not a record with an iteration")
+        except ValueError as error:
+            if position == len(lines) - 1:
+                break  # torn
+            raise ValueError(f"{log_file} line {number} is not valid JSON ({error}): the log is corrupt; "
+                             "remove or repair that line to resume") from None
+        if record["iteration"] <= iteration:
+            kept.append(line)
     log_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -37,11 +37,12 @@ from typing import Any
 import yaml
 
 from .._utils.io import read_json
-from ..adaptors.metadata import TOY_BASE_MODEL
+from ..adaptors.metadata import TOY_BASE_MODEL, default_license
 from ..components.stable_diffusion import SD15ComponentSettings
 from ..method.targets import TargetDistribution
 from .config import FairTrainingConfig
 from .prompts import PromptSet, load_prompt_sets, resolve_prompt_sets
+from .setup_checks import check_attribute_factors
 
 
 EXPERIMENT_KEYS = ("name", "description", "preset", "targets", "prompts", "training", "components", "evaluation")
@@ -315,6 +316,10 @@ def experiment_from_dict(data: dict, source: str | Path = "<config>") -> Experim
         raise ValueError(f"config {source} needs 'prompts', the name of a prompt-set file "
                          "(e.g. examples/prompts/occupations_train.json)")
     prompt_sets = resolve_prompt_sets(load_prompt_sets(prompt_file), default_targets)
+    try:
+        check_attribute_factors(config, prompt_sets)
+    except ValueError as error:
+        raise ValueError(f"training: {error}") from None
     settings = None
     if not toy_components:
         settings = SD15ComponentSettings.from_dict(components if components is not None else {})
@@ -453,16 +458,17 @@ def train_experiment(experiment: Experiment, *, pipeline=None, components=None):
             raise ValueError("missing component files: " + ", ".join(f"{r} {p}" for r, p in missing.items()))
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
     if pipeline is None:
-        from diffusers import StableDiffusionPipeline
+        from ..components.families import load_pipeline
 
-        pipeline = StableDiffusionPipeline.from_pretrained(config.base_model, dtype=dtype, safety_checker=None,
-                                                           requires_safety_checker=False)
+        # A StableDiffusionPipeline, or a StableDiffusionXLPipeline for an SDXL base model.
+        pipeline = load_pipeline(config.base_model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if components is None:
         components = load_sd15_components(experiment.components, device=_device(), dtype=dtype)
     trainer = DistributionalAlignmentTrainer(config, pipeline, None, experiment.prompt_sets, components)
     trainer.train()
     folder = adaptor_folder(experiment)
-    license_fields = {} if experiment.toy_world else {"license": SD15_LICENSE}
+    # The base model's license (SDXL: openrail++); SD 1.5's for base models the package does not know.
+    license_fields = {} if experiment.toy_world else {"license": default_license(config.base_model) or SD15_LICENSE}
     written = trainer.save_adaptor(folder, name=experiment.name, overwrite=True, description=experiment.description,
                                    **license_fields)
     if written is not None:  # the main process

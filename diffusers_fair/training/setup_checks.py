@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 
 from .config import FairTrainingConfig
@@ -54,3 +56,49 @@ def _check_classifier_heads(classifier) -> None:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"the classifier's {attribute!r} head gives logits of shape {shape} for one face, expected "
                              f"(1, {len(classes)}) for its classes {list(classes)}")
+
+
+def check_attribute_factors(config: FairTrainingConfig, prompt_sets: list[PromptSet]) -> None:
+    """Every key of ``attribute_change_factors`` and ``attribute_face_region_factors`` is a targeted attribute.
+
+    A factor applies to the images whose targeted attribute must change; one for any other name would
+    never be used, and is most likely a typo.
+    """
+    targeted = sorted({a for prompt_set in prompt_sets for target in prompt_set.targets for a in target.attributes})
+    for name in ("attribute_change_factors", "attribute_face_region_factors"):
+        for attribute in getattr(config, name):
+            if attribute not in targeted:
+                close = difflib.get_close_matches(attribute, targeted, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{name} names {attribute!r}, which no target covers ({hint}the targets cover "
+                                 f"{targeted})")
+
+
+def check_lora_modules(pipeline, config: FairTrainingConfig) -> None:
+    """Every name in ``text_encoder_lora_modules`` / ``unet_lora_modules`` matches a linear layer of its model.
+
+    Names match as in peft: a layer whose full name is the name or ends in ``.<name>``. A name that matches
+    nothing is a typo (peft would silently skip it while another name matches). Fair adaptors hold LoRA
+    weights of linear layers only (diffusers' LoRA format), so a LoRA on an embedding or a convolution
+    could be trained but not saved: it is refused here, before training.
+    """
+    for part, enabled, field in (("text_encoder", config.train_text_encoder_lora, "text_encoder_lora_modules"),
+                                 ("unet", config.train_unet_lora, "unet_lora_modules")):
+        if not enabled:
+            continue
+        layers = dict(getattr(pipeline, part).named_modules())
+        linear = sorted({name.rsplit(".", 1)[-1] for name, layer in layers.items()
+                         if isinstance(layer, torch.nn.Linear)})
+        for target in getattr(config, field):
+            matched = [name for name in layers if name == target or name.endswith(f".{target}")]
+            if not matched:
+                close = difflib.get_close_matches(target, linear, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{field} names {target!r}, which matches no layer of the {part} ({hint}its linear "
+                                 f"layers are named {', '.join(linear[:12])}{', ...' if len(linear) > 12 else ''})")
+            for name in matched:
+                layer = getattr(layers[name], "base_layer", layers[name])  # a layer peft wrapped already
+                if not isinstance(layer, torch.nn.Linear):
+                    raise ValueError(f"{field} names {target!r}, which matches {part} layer {name} "
+                                     f"({type(layer).__name__}): fair adaptors hold LoRA weights of linear layers "
+                                     "only, so it could not be saved after training; remove it from the list")
