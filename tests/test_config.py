@@ -32,6 +32,7 @@ CHOICES = {
     "faceless_image_weight": ("full", "smallest_change_factor"),
     "face_realism_images": ("kept_target", "every_face"),
     "preserve_mode": ("batch", "image"),
+    "sdxl_text_encoder_lora": ("both", "text_encoder", "text_encoder_2"),
 }
 
 

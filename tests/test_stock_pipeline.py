@@ -75,10 +75,10 @@ def assert_text_states_match_hooks(pipe, *weighted_states):
 # --------------------------------------------------------------------------- the methods
 def test_import_adds_the_methods_to_stable_diffusion_pipelines_only():
     assert diffusers_fair.register_pipeline_methods is register_pipeline_methods
-    for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline):
+    for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                StableDiffusionXLPipeline):  # SDXL's loading: tests/test_sdxl.py
         for name in METHOD_NAMES:
             assert getattr(cls, name) is FairAdaptorMixin.__dict__[name], (cls, name)
-    assert not hasattr(StableDiffusionXLPipeline, "load_fair_adaptor")  # two text encoders: not supported yet
 
 
 def test_registration_never_overrides_what_a_class_has():

@@ -33,6 +33,7 @@ from diffusers_fair.training.experiment import (
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
 PAPER = ["gender", "gender_race", "gender_race_age", "multi_concept", "race", "soft_tokens_gender"]
+SDXL = ["sdxl_gender", "sdxl_gender_race"]  # the paper's experiments on Stable Diffusion XL
 # The toy demo's experiments: adaptor name, targets, and the settings that differ from the toy preset
 # besides no intermediate checkpoints or sample grids.
 TOY = {
@@ -80,13 +81,13 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 # --------------------------------------------------------------------------- the example configs
 def test_the_example_configs_are_the_papers_and_the_toy_worlds():
-    assert sorted(p.stem for p in CONFIGS.iterdir()) == sorted(PAPER + list(TOY))
+    assert sorted(p.stem for p in CONFIGS.iterdir()) == sorted(PAPER + SDXL + list(TOY))
     assert all(p.suffix == ".yaml" for p in CONFIGS.iterdir())
     for path in CONFIGS.iterdir():
         assert path.read_text().startswith("# "), f"{path.name} has no header comment"
 
 
-@pytest.mark.parametrize("name", PAPER + list(TOY))
+@pytest.mark.parametrize("name", PAPER + SDXL + list(TOY))
 def test_every_example_config_dry_runs(capsys, name):
     code, resolved, plan = dry_run(capsys, CONFIGS / f"{name}.yaml")
     assert code == 0

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..components.families import SDXL, family_of
 from .metrics import SOURCES
 from .results import EvalResult, ImageReadout, PromptResult
 
@@ -72,12 +73,22 @@ def generate(pipe, prompt: str, noise: torch.Tensor, *, guidance_scale: float, n
     does it itself; for another pipeline whose adaptors were trained with natural padding, the
     prompt and negative prompt are encoded here (``adaptors.prompt_padding.encode_natural``) and
     passed as embeddings (soft tokens are then not added, as a stock pipeline does not add them).
+    An SDXL pipeline gets each prompt started with its loaded soft tokens here.
+
+    Raises:
+        ValueError: an SDXL pipeline with an adaptor trained with natural padding.
     """
-    from ..adaptors.pipeline import FairFinetunePipeline, fair_adaptors
+    from ..adaptors.pipeline import FairFinetunePipeline, add_fair_tokens, fair_adaptors
     from ..adaptors.prompt_padding import encode_natural, prompt_padding_of
 
     natural = not isinstance(pipe, FairFinetunePipeline)
     natural = natural and prompt_padding_of(fair_adaptors(pipe).values()) == "natural"
+    if family_of(pipe) is SDXL:
+        if natural:
+            raise ValueError("an adaptor trained with natural prompt padding cannot be audited on an SDXL pipeline, "
+                             "which pads prompts to the tokenizers' maximum length")
+        # SDXL has no FairFinetunePipeline: the prompt starts with the loaded soft tokens here.
+        prompt = add_fair_tokens(pipe, prompt)
     factor = pipe.vae_scale_factor
     out = []
     for start in range(0, noise.shape[0], batch_size):
@@ -295,7 +306,8 @@ def evaluate(pipe, prompts: Sequence[str], components, *, images_per_prompt: int
     """Audit ``pipe`` on ``prompts``: attribute frequencies, bias(P), no-face share, CLIP-T, CLIP-I, DINO.
 
     Args:
-        pipe: a ``StableDiffusionPipeline`` (any subclass; with fair adaptors loaded or not).
+        pipe: a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (any subclass; with fair
+            adaptors loaded or not).
         prompts: the prompts, distinct.
         components: ``classifier`` (evaluation ``AttributeClassifier``), ``detector`` (``FaceDetector``)
             and optionally ``crop_factor``: an :class:`~diffusers_fair.components.base.EvalComponents` or the toy world's components.

@@ -60,7 +60,10 @@ The sampling loop is the one of diffusers' ``StableDiffusionPipeline``: ``set_ti
 latents times ``init_noise_sigma``, ``scale_model_input``, classifier-free guidance
 ``eps_u + w (eps_c - eps_u)`` on the U-Net batch ``[negative, positive]`` when ``w > 1``, and
 ``scheduler.step``. The caller's scheduler is never stepped: every pass uses a fresh copy built from
-its config.
+its config. SDXL's U-Net also takes ``added_cond_kwargs`` (pooled text embeddings and time ids):
+given for the prompt and the negative prompt, they reach every U-Net call, stacked for the guidance
+batch as in ``StableDiffusionXLPipeline``, and a trained encoder behind them gets its gradient the
+same way as through ``prompt_embeds``.
 """
 
 from __future__ import annotations
@@ -263,15 +266,29 @@ def _step_scales(scheduler, num_inference_steps: int, coefficients: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def _noise_prediction(unet, latent_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs):
-    """The (guided) model output of one step, as StableDiffusionPipeline computes it."""
+def _noise_prediction(unet, latent_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs,
+                      added=None, negative_added=None):
+    """The (guided) model output of one step, as StableDiffusionPipeline (and, with ``added``,
+    StableDiffusionXLPipeline) computes it."""
     if guidance_scale > 1.0:
         model_input = torch.cat([latent_input, latent_input])
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        out = unet(model_input, t, encoder_hidden_states=embeds, **unet_kwargs).sample
+        kwargs = _with_added_conditioning(unet_kwargs, added, negative_added)
+        out = unet(model_input, t, encoder_hidden_states=embeds, **kwargs).sample
         out_uncond, out_text = out.chunk(2)
         return out_uncond + guidance_scale * (out_text - out_uncond)
-    return unet(latent_input, t, encoder_hidden_states=prompt_embeds, **unet_kwargs).sample
+    kwargs = _with_added_conditioning(unet_kwargs, added, None)
+    return unet(latent_input, t, encoder_hidden_states=prompt_embeds, **kwargs).sample
+
+
+def _with_added_conditioning(unet_kwargs, added, negative_added):
+    """``unet_kwargs`` with ``added_cond_kwargs`` for the U-Net batch: ``added``, or ``[negative_added, added]``
+    stacked per key for the guidance batch ``[negative, positive]``."""
+    if added is None:
+        return unet_kwargs
+    if negative_added is not None:
+        added = {key: torch.cat([negative_added[key], value]) for key, value in added.items()}
+    return {**unet_kwargs, "added_cond_kwargs": added}
 
 
 def _run_sampler(
@@ -283,6 +300,8 @@ def _run_sampler(
     guidance_scale,
     unet_kwargs,
     *,
+    added=None,
+    negative_added=None,
     detach_unet_input: bool = False,
     on_model_output: Callable[[int, torch.Tensor], None] | None = None,
     record: list | None = None,
@@ -290,9 +309,10 @@ def _run_sampler(
 ):
     """Run the sampling loop on an already prepared (fresh) scheduler; returns ``z_0``.
 
-    Runs under the caller's grad mode. ``detach_unet_input`` feeds every U-Net call a detached input
-    (the adjusted-DFT graph); ``on_model_output(k, eps_k)`` sees each step's guided model output;
-    ``record`` receives ``(unet_input, t)`` per step.
+    Runs under the caller's grad mode. ``added`` / ``negative_added`` are the ``added_cond_kwargs`` of
+    the positive and negative conditioning (SDXL), given to every U-Net call. ``detach_unet_input``
+    feeds every U-Net call a detached input (the adjusted-DFT graph); ``on_model_output(k, eps_k)``
+    sees each step's guided model output; ``record`` receives ``(unet_input, t)`` per step.
     """
     z = latents * scheduler.init_noise_sigma
     for k, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
@@ -300,7 +320,8 @@ def _run_sampler(
         if record is not None:
             record.append((latent_input, t))
         eps = _noise_prediction(
-            unet, latent_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs
+            unet, latent_input, t, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs, added,
+            negative_added,
         )
         if on_model_output is not None:
             on_model_output(k, eps)
@@ -329,6 +350,29 @@ def _validate_inputs(scheduler, latents, prompt_embeds, negative_prompt_embeds, 
             )
 
 
+def _validate_added(added, negative_added, unet_kwargs, batch: int, guidance_scale: float) -> None:
+    """``added_cond_kwargs`` (SDXL's pooled text embeddings and time ids) for every U-Net call."""
+    if added is None:
+        if negative_added is not None:
+            raise ValueError("negative_added_cond_kwargs given without added_cond_kwargs")
+        return
+    if "added_cond_kwargs" in (unet_kwargs or {}):
+        raise ValueError("pass added_cond_kwargs as its own argument, not in unet_kwargs: with guidance the "
+                         "sampler stacks the negative and positive ones for each U-Net call")
+    for key, value in added.items():
+        if not isinstance(value, torch.Tensor) or value.shape[0] != batch:
+            raise ValueError(f"added_cond_kwargs[{key!r}] must be a tensor with the latents' batch size {batch}, "
+                             f"got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    if guidance_scale > 1.0:
+        if negative_added is None or sorted(negative_added) != sorted(added):
+            raise ValueError("guidance_scale > 1 with added_cond_kwargs needs negative_added_cond_kwargs with the "
+                             f"same keys {sorted(added)} (the negative prompt's)")
+        for key, value in added.items():
+            if negative_added[key].shape != value.shape:
+                raise ValueError(f"negative_added_cond_kwargs[{key!r}] has shape {tuple(negative_added[key].shape)}, "
+                                 f"added_cond_kwargs[{key!r}] {tuple(value.shape)}; they must match")
+
+
 @torch.no_grad()
 def sample_latents(
     unet,
@@ -340,19 +384,22 @@ def sample_latents(
     guidance_scale: float = 1.0,
     negative_prompt_embeds: torch.Tensor | None = None,
     unet_kwargs: dict[str, Any] | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """Sample ``z_0`` from initial noise ``latents`` without grad, as StableDiffusionPipeline does.
 
     The same loop as :func:`adjusted_backward` (e.g. for the frozen model's reference images from the
-    same noise). ``latents`` is standard normal noise; it is multiplied by the scheduler's
-    ``init_noise_sigma`` as the pipeline does. The caller's scheduler is not stepped.
+    same noise), with the same arguments. ``latents`` is standard normal noise; it is multiplied by the
+    scheduler's ``init_noise_sigma`` as the pipeline does. The caller's scheduler is not stepped.
     """
     _validate_inputs(scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, num_inference_steps)
+    _validate_added(added_cond_kwargs, negative_added_cond_kwargs, unet_kwargs, latents.shape[0], guidance_scale)
     fresh = _fresh_scheduler(scheduler, num_inference_steps, latents.device)
     return _run_sampler(
         unet, fresh, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs or {},
-        progress=progress,
+        added=added_cond_kwargs, negative_added=negative_added_cond_kwargs, progress=progress,
     )
 
 
@@ -395,14 +442,14 @@ def _leaf_copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _two_pass(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
-              unet_kwargs, num_inference_steps, scales, progress):
+              unet_kwargs, num_inference_steps, scales, progress, *, added=None, negative_added=None):
     # Pass 1: sample without grad, keeping each step's U-Net input.
     record: list[tuple[torch.Tensor, torch.Tensor]] = []
     fresh = _fresh_scheduler(scheduler, num_inference_steps, latents.device)
     with torch.no_grad():
         z0 = _run_sampler(
             unet, fresh, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs,
-            record=record, progress=progress,
+            added=added, negative_added=negative_added, record=record, progress=progress,
         )
 
     # The loss and g = dL/dz_0 (one backward through the decoder and the loss models).
@@ -417,18 +464,26 @@ def _two_pass(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, l
     # Pass 2: recompute each step with grad and feed it s_k * g; one step's graph at a time.
     cond = _leaf_copy(prompt_embeds)
     uncond = _leaf_copy(negative_prompt_embeds)
+    # SDXL's pooled text embeddings come from a text encoder too: leaf copies of them, the same way.
+    cond_added = None if added is None else {key: _leaf_copy(value) for key, value in added.items()}
+    uncond_added = None if negative_added is None else {key: _leaf_copy(v) for key, v in negative_added.items()}
     with torch.enable_grad():
         steps = tqdm(record, desc="adjusted backward", disable=not progress, leave=False)
         for (latent_input, t), s_k in zip(steps, scales.tolist()):
-            eps = _noise_prediction(unet, latent_input, t, cond, uncond, guidance_scale, unet_kwargs)
+            eps = _noise_prediction(unet, latent_input, t, cond, uncond, guidance_scale, unet_kwargs, cond_added,
+                                    uncond_added)
             _require_trainable(eps)
             if s_k != 0.0:
                 eps.backward(g.to(eps.dtype) * s_k)
             del eps
 
     # The text encoder's backward (or any graph that produced the embeddings), once.
+    pairs = [(prompt_embeds, cond), (negative_prompt_embeds, uncond)]
+    for originals, leaves in ((added, cond_added), (negative_added, uncond_added)):
+        if originals is not None:
+            pairs += [(originals[key], leaves[key]) for key in originals]
     roots, grads = [], []
-    for original, leaf in ((prompt_embeds, cond), (negative_prompt_embeds, uncond)):
+    for original, leaf in pairs:
         if leaf is not None and leaf is not original and leaf.grad is not None:
             roots.append(original)
             grads.append(leaf.grad)
@@ -438,7 +493,7 @@ def _two_pass(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, l
 
 
 def _one_graph(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
-               unet_kwargs, num_inference_steps, coefficients, scales, progress):
+               unet_kwargs, num_inference_steps, coefficients, scales, progress, *, added=None, negative_added=None):
     # The gradient reaching eps_k through the scheduler is a_k * g; the hook turns it into s_k * g.
     factors = [s / a if a != 0.0 else 0.0 for s, a in zip(scales.tolist(), coefficients.tolist())]
 
@@ -450,7 +505,8 @@ def _one_graph(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, 
     with torch.enable_grad():
         z0 = _run_sampler(
             unet, fresh, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs,
-            detach_unet_input=True, on_model_output=rescale, progress=progress,
+            added=added, negative_added=negative_added, detach_unet_input=True, on_model_output=rescale,
+            progress=progress,
         )
         loss, stats = _call_loss(loss_fn, z0)
         loss.backward()
@@ -458,12 +514,13 @@ def _one_graph(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, 
 
 
 def _naive(unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
-           unet_kwargs, num_inference_steps, progress):
+           unet_kwargs, num_inference_steps, progress, *, added=None, negative_added=None):
     fresh = _fresh_scheduler(scheduler, num_inference_steps, latents.device)
     with torch.enable_grad():
         z0 = _run_sampler(
             unet, fresh, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, unet_kwargs,
-            on_model_output=lambda k, eps: _require_trainable(eps), progress=progress,
+            added=added, negative_added=negative_added, on_model_output=lambda k, eps: _require_trainable(eps),
+            progress=progress,
         )
         loss, stats = _call_loss(loss_fn, z0)
         loss.backward()
@@ -484,6 +541,8 @@ def adjusted_backward(
     standardize: bool = True,
     step_weights: str = "unit",
     unet_kwargs: dict[str, Any] | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     progress: bool = False,
 ) -> DFTResult:
     """Sample ``z_0`` from ``latents`` and accumulate the (adjusted) DFT gradient of ``loss_fn(z_0)``.
@@ -514,8 +573,13 @@ def adjusted_backward(
         step_weights: with ``standardize=True``: ``"unit"`` (``s_k = sign(a_k)``, the paper's
             ``|A_t| = 1``) or ``"authors"`` (``s_k = a_k * ddpm_step_factors(scheduler, T)[k]``, the
             authors' code); see the module docstring.
-        unet_kwargs: extra keyword arguments for every U-Net call (``cross_attention_kwargs``,
-            ``added_cond_kwargs``...).
+        unet_kwargs: extra keyword arguments for every U-Net call (``cross_attention_kwargs``...).
+        added_cond_kwargs: the U-Net's ``added_cond_kwargs`` for the prompt, each value ``(B, ...)``
+            (SDXL: ``{"text_embeds": pooled text embeddings, "time_ids": ...}``); may require grad (a
+            trained second text encoder), like ``prompt_embeds``.
+        negative_added_cond_kwargs: the same for the negative prompt; needed with ``added_cond_kwargs``
+            when ``w > 1``. Each U-Net call of the guidance batch ``[negative, positive]`` gets both,
+            stacked, as ``StableDiffusionXLPipeline`` does.
         progress: show a progress bar over the steps.
 
     Returns:
@@ -536,7 +600,9 @@ def adjusted_backward(
         raise ValueError("step_weights='authors' is a standardisation of the step weights; "
                          "use it with standardize=True")
     _validate_inputs(scheduler, latents, prompt_embeds, negative_prompt_embeds, guidance_scale, num_inference_steps)
+    _validate_added(added_cond_kwargs, negative_added_cond_kwargs, unet_kwargs, latents.shape[0], guidance_scale)
     unet_kwargs = dict(unet_kwargs or {})
+    added = dict(added=added_cond_kwargs, negative_added=negative_added_cond_kwargs if guidance_scale > 1.0 else None)
 
     coefficients = step_coefficients(scheduler, num_inference_steps)
     scales = None  # the exact gradient (mode="naive") has no step weights
@@ -547,10 +613,10 @@ def adjusted_backward(
     common = (unet, scheduler, latents, prompt_embeds, negative_prompt_embeds, loss_fn, guidance_scale,
               unet_kwargs, num_inference_steps)
     if mode == "two_pass":
-        z0, loss, stats = _two_pass(*common, scales, progress)
+        z0, loss, stats = _two_pass(*common, scales, progress, **added)
     elif mode == "one_graph":
-        z0, loss, stats = _one_graph(*common, coefficients, scales, progress)
+        z0, loss, stats = _one_graph(*common, coefficients, scales, progress, **added)
     else:
-        z0, loss, stats = _naive(*common, progress)
+        z0, loss, stats = _naive(*common, progress, **added)
     return DFTResult(latents=z0, loss=loss.detach(), coefficients=coefficients, scales=scales, timesteps=timesteps,
                      stats=stats)

@@ -35,6 +35,7 @@ FacelessImageWeight = Literal["full", "smallest_change_factor"]
 FaceRealismImages = Literal["kept_target", "every_face"]
 PreserveMode = Literal["batch", "image"]
 LRSchedule = Literal["constant", "cosine"]
+SDXLTextEncoders = Literal["both", "text_encoder", "text_encoder_2"]
 Sampler = Literal["dpmsolver++", "ddim", "euler", "pipeline"]
 Tracker = Literal["auto", "tensorboard", "wandb", "none"]
 _TOKEN_PATTERN = re.compile(r"^<[A-Za-z0-9_\-]+>$")
@@ -79,6 +80,12 @@ class FairTrainingConfig:
         "Text-encoder linear layers that get a LoRA: attention q/k/v/out_proj and the MLP's fc1/fc2.",
         factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     )
+    sdxl_text_encoder_lora: SDXLTextEncoders = _help(
+        "On an SDXL pipeline, which of its two text encoders get the text-encoder LoRA: 'both', 'text_encoder' "
+        "(CLIP ViT-L/14) or 'text_encoder_2' (OpenCLIP ViT-bigG/14, which also gives the pooled embedding). "
+        "SD 1.x pipelines have one text encoder and ignore it.",
+        "both",
+    )
     train_unet_lora: bool = _help("Train a LoRA on the U-Net's attention layers.", False)
     unet_lora_rank: int = _help("Rank of the U-Net LoRA (the paper: 50).", 50)
     unet_lora_alpha: float | None = _help("LoRA alpha of the U-Net; None means alpha = rank (scale 1).", None)
@@ -105,6 +112,11 @@ class FairTrainingConfig:
         "Sampler used for training: 'dpmsolver++' (the paper's), 'ddim', 'euler' (built from the pipeline's "
         "scheduler config), or 'pipeline' to keep the pipeline's own scheduler.",
         "dpmsolver++",
+    )
+    resolution: int | None = _help(
+        "Side in pixels of the square images drawn in training and in sample grids; a multiple of the VAE's "
+        "downsampling factor (8). None: the U-Net's native size (512 for SD 1.5, 1024 for SDXL).",
+        None,
     )
     min_inference_steps: int = _help("Fewest sampling steps; each iteration draws its step count uniformly.", 19)
     max_inference_steps: int = _help("Most sampling steps (inclusive).", 23)
@@ -396,6 +408,8 @@ class FairTrainingConfig:
             _check_at_least(self, name, 0)
         if self.checkpoints_total_limit is not None:
             _check_at_least(self, "checkpoints_total_limit", 1)
+        if self.resolution is not None:
+            _check_at_least(self, "resolution", 8)
         if self.max_inference_steps < self.min_inference_steps:
             raise ValueError(f"max_inference_steps ({self.max_inference_steps}) must be >= "
                              f"min_inference_steps ({self.min_inference_steps})")
@@ -473,6 +487,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Integer settings are counts, sizes and seeds: they must fit in 64 bits (torch's seeds and counters do).
+_INT_LIMIT = 2**63
+
+
+def _fits_float(value: int | float) -> bool:
+    """Whether ``value`` converts to a float without overflowing (a huge integer does not)."""
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
+
+
 _TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
                list[str]: "a list of strings", dict[str, float]: "a mapping of attribute names to numbers"}
 
@@ -501,7 +528,11 @@ def _checked_value(name: str, annotation: Any, value: Any) -> Any:
         ok = isinstance(value, bool)
     elif annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not -_INT_LIMIT <= value < _INT_LIMIT:
+            raise ValueError(f"{name} must be below 2**63 in size, got an integer of {len(str(abs(value)))} digits")
     elif annotation is float:
+        if _is_number(value) and not _fits_float(value):
+            raise ValueError(f"{name} must be a finite number, got an integer of {len(str(abs(value)))} digits")
         ok = _is_number(value) and not math.isnan(value)
     elif annotation is str:
         ok = isinstance(value, str)
@@ -511,6 +542,10 @@ def _checked_value(name: str, annotation: Any, value: Any) -> Any:
     elif origin is dict:
         ok = isinstance(value, Mapping) and all(isinstance(k, str) and _is_number(v) for k, v in value.items())
         value = dict(value) if ok else value
+        for key, number in value.items() if ok else ():
+            if not _fits_float(number):
+                raise ValueError(f"{name}[{key!r}] must be a finite number, got an integer of "
+                                 f"{len(str(abs(number)))} digits")
     else:  # pragma: no cover - only reached by a new field of a type without a check here
         raise TypeError(f"{name}: no check for the annotation {annotation}")
     if not ok:

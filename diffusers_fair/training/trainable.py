@@ -19,6 +19,10 @@ prompt. Every trainable weight is kept in float32 (also under mixed precision) a
 from a CPU generator seeded by the config: LoRA ``A`` matrices kaiming-uniform as peft's default,
 ``B`` matrices zero (so training starts at the base model), soft tokens at the embedding of
 ``soft_token_init``. The same seed gives the same initial weights on any device.
+
+On an SDXL pipeline (``components/families.py``) the soft tokens go into both tokenizers and text
+encoders (one vector set each), and the text-encoder LoRA into the encoders
+``sdxl_text_encoder_lora`` names.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..components.families import family_of, lora_text_encoders
 from .config import FairTrainingConfig
 from .draws import derive_seed
 
@@ -39,9 +44,12 @@ class TrainableWeights:
 
     Attributes:
         params: the trained parameters by name, in a fixed order: ``"soft_tokens"`` (shape
-            ``(num_soft_tokens, hidden)``) first if any, then ``"text_encoder.<peft name>"``, then
-            ``"unet.<peft name>"``. All float32, ``requires_grad=True``.
-        lora_configs: the peft ``LoraConfig`` of each part that got a LoRA (``"text_encoder"``, ``"unet"``).
+            ``(num_soft_tokens, hidden)``) first if any (SDXL: then ``"soft_tokens_2"``, the second
+            text encoder's), then ``"text_encoder.<peft name>"`` (SDXL: then
+            ``"text_encoder_2.<peft name>"``), then ``"unet.<peft name>"``. All float32,
+            ``requires_grad=True``.
+        lora_configs: the peft ``LoraConfig`` of each part that got a LoRA (``"text_encoder"``,
+            ``"text_encoder_2"``, ``"unet"``).
         soft_token_ids: the token ids of the soft tokens (empty without soft tokens).
     """
 
@@ -53,21 +61,24 @@ class TrainableWeights:
 def soft_token_names(config: FairTrainingConfig, tokenizer, prompts) -> list[str]:
     """The soft-token names ``<fair>, <fair>_1, ...`` of ``config`` (empty without soft tokens).
 
-    Raises ``ValueError`` early if a name is already in the tokenizer, if ``soft_token_init`` is not
-    a single token, or if a prompt with the soft tokens prepended is too long for the tokenizer.
+    ``tokenizer`` is the pipeline's tokenizer, or a list of them (SDXL's two), each checked.
+    Raises ``ValueError`` early if a name is already in a tokenizer, if ``soft_token_init`` is not
+    a single token, or if a prompt with the soft tokens prepended is too long for a tokenizer.
     """
     stem = config.soft_token_prefix
     names = [stem] + [f"{stem}_{i}" for i in range(1, config.num_soft_tokens)] if config.num_soft_tokens else []
-    clashes = [n for n in names if n in tokenizer.get_vocab()]
-    if clashes:
-        raise ValueError(f"soft token names {clashes} are already in the tokenizer; choose another soft_token_prefix")
-    if names and len(tokenizer(config.soft_token_init, add_special_tokens=False).input_ids) != 1:
-        raise ValueError(f"soft_token_init {config.soft_token_init!r} must be a single token of the tokenizer")
-    for prompt in prompts:
-        length = len(tokenizer(prompt).input_ids) + len(names)
-        if length > tokenizer.model_max_length:
-            raise ValueError(f"prompt {prompt!r} (with soft tokens) is {length} tokens long; "
-                             f"the tokenizer takes {tokenizer.model_max_length}")
+    for tokenizer in tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]:
+        clashes = [n for n in names if n in tokenizer.get_vocab()]
+        if clashes:
+            raise ValueError(f"soft token names {clashes} are already in the tokenizer; "
+                             "choose another soft_token_prefix")
+        if names and len(tokenizer(config.soft_token_init, add_special_tokens=False).input_ids) != 1:
+            raise ValueError(f"soft_token_init {config.soft_token_init!r} must be a single token of the tokenizer")
+        for prompt in prompts:
+            length = len(tokenizer(prompt).input_ids) + len(names)
+            if length > tokenizer.model_max_length:
+                raise ValueError(f"prompt {prompt!r} (with soft tokens) is {length} tokens long; "
+                                 f"the tokenizer takes {tokenizer.model_max_length}")
     return names
 
 
@@ -96,13 +107,17 @@ class SoftTokenSubstitution:
         return torch.where(match.any(dim=-1, keepdim=True), vectors, output)
 
 
-def add_soft_tokens(pipeline, names: list[str], init_word: str, device) -> tuple[torch.nn.Parameter, torch.Tensor]:
-    """Add the tokens ``names`` to the pipeline's tokenizer and text encoder; return ``(vectors, ids)``.
+def add_soft_tokens(pipeline, names: list[str], init_word: str, device, *, tokenizer=None,
+                    encoder=None) -> tuple[torch.nn.Parameter, torch.Tensor]:
+    """Add the tokens ``names`` to a tokenizer and its text encoder; return ``(vectors, ids)``.
 
-    ``vectors`` (float32, ``(len(names), hidden)``) starts at the embedding of ``init_word`` and is
-    substituted by a :class:`SoftTokenSubstitution` hook; the embedding table itself stays frozen.
+    The pair is ``tokenizer`` and ``encoder`` (SDXL's second one), by default the pipeline's
+    ``tokenizer`` and ``text_encoder``. ``vectors`` (float32, ``(len(names), hidden)``) starts at the
+    embedding of ``init_word`` and is substituted by a :class:`SoftTokenSubstitution` hook; the
+    embedding table itself stays frozen.
     """
-    tokenizer, encoder = pipeline.tokenizer, pipeline.text_encoder
+    tokenizer = tokenizer if tokenizer is not None else pipeline.tokenizer
+    encoder = encoder if encoder is not None else pipeline.text_encoder
     init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
     tokenizer.add_tokens(names)
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -129,7 +144,8 @@ def add_lora(module: torch.nn.Module, part: str, rank: int, alpha: float | None,
     module.add_adapter(lora_config)
     found = [(n, p) for n, p in module.named_parameters() if ".lora_A." in n or ".lora_B." in n]
     if not found:
-        raise ValueError(f"no {part} layer matched {part}_lora_modules {list(target_modules)}")
+        field = "unet_lora_modules" if part == "unet" else "text_encoder_lora_modules"  # SDXL: both encoders'
+        raise ValueError(f"no {part} layer matched {field} {list(target_modules)}")
     params = {}
     for name, param in found:
         param.data = param.data.float()
@@ -151,12 +167,17 @@ def add_trainable_weights(pipeline, config: FairTrainingConfig, names: list[str]
     """
     weights = TrainableWeights()
     generator = torch.Generator().manual_seed(derive_seed(config.seed, "init"))
+    family = family_of(pipeline)
     if config.num_soft_tokens:
         weights.params["soft_tokens"], weights.soft_token_ids = add_soft_tokens(
             pipeline, names, config.soft_token_init, device)
+        for index, (tokenizer, encoder) in enumerate(family.encoder_pairs(pipeline)[1:], start=2):
+            weights.params[f"soft_tokens_{index}"], _ = add_soft_tokens(
+                pipeline, names, config.soft_token_init, device, tokenizer=tokenizer, encoder=encoder)
+    text_encoders = lora_text_encoders(family, config.sdxl_text_encoder_lora)
     for part, enabled, rank, alpha, modules in (
-        ("text_encoder", config.train_text_encoder_lora, config.text_encoder_lora_rank,
-         config.text_encoder_lora_alpha, config.text_encoder_lora_modules),
+        *((part, config.train_text_encoder_lora, config.text_encoder_lora_rank, config.text_encoder_lora_alpha,
+           config.text_encoder_lora_modules) for part in text_encoders),
         ("unet", config.train_unet_lora, config.unet_lora_rank, config.unet_lora_alpha, config.unet_lora_modules),
     ):
         if not enabled:

@@ -45,13 +45,15 @@ from tqdm.auto import tqdm
 
 from .._utils.plotting import pyplot
 from ..components.faces import FaceReading, read_faces
+from ..components.families import SDXL, Conditioning, encode_prompt, family_of, vae_dtype
 from ..method import losses
 from ..method.dft import adjusted_backward, check_scheduler, sample_latents
 from . import checkpointing, trainable
 from .config import PRESERVE_UNTARGETED, FairTrainingConfig
 from .draws import TrainingDraw, derive_seed, draw_iteration
 from .prompts import resolve_prompt_sets
-from .setup_checks import check_components
+from .rollback import SetupSnapshot
+from .setup_checks import check_attribute_factors, check_components, check_lora_modules
 
 
 LOG_FILE = "training_log.jsonl"
@@ -150,6 +152,7 @@ class DistributionalAlignmentTrainer:
         self.config = config.validate()
         self.prompt_sets = resolve_prompt_sets(prompts, targets)
         check_components(components, self.prompt_sets, config)
+        check_attribute_factors(config, self.prompt_sets)
         # Per prompt set: the attributes the classifier reads that no target covers, and those held in place.
         known = components.classifier.attributes
         targeted = [[a for t in prompt_set.targets for a in t.attributes] for prompt_set in self.prompt_sets]
@@ -158,8 +161,22 @@ class DistributionalAlignmentTrainer:
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if getattr(pipeline, part, None) is None:
                 raise ValueError(f"the pipeline has no {part}")
+        check_lora_modules(pipeline, config)
+        # SD 1.x or SDXL (components/families.py): the text encoders, the U-Net's conditioning, the adaptor's files.
+        self.family = family_of(pipeline)
+        if self.family is SDXL and config.prompt_padding == "natural":
+            raise ValueError("prompt_padding='natural' is for SD 1.x pipelines; SDXL pipelines pad prompts to the "
+                             "tokenizers' maximum length: use prompt_padding='max_length'")
+        factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+        if config.resolution is not None and config.resolution % factor:
+            raise ValueError(f"resolution must be a multiple of the VAE's downsampling factor {factor}, "
+                             f"got {config.resolution}")
+        side = pipeline.unet.config.sample_size if config.resolution is None else config.resolution // factor
+        self.latent_shape = (pipeline.unet.config.in_channels, side, side)
+        self.image_size = side * factor  # pixels: SDXL's time_ids
         self.soft_token_names = trainable.soft_token_names(
-            config, pipeline.tokenizer, [p for prompt_set in self.prompt_sets for p in prompt_set.prompts])
+            config, [getattr(pipeline, name) for name in self.family.tokenizers],
+            [p for prompt_set in self.prompt_sets for p in prompt_set.prompts])
         self.scheduler = self._training_scheduler(pipeline.scheduler)
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator if accelerator is not None else self._make_accelerator()
@@ -186,23 +203,21 @@ class DistributionalAlignmentTrainer:
         if self.crop_scale is None:
             self.crop_scale = getattr(components, "crop_factor", 1.0)
 
-        self._prepare_modules()
-        weights = trainable.add_trainable_weights(pipeline, config, self.soft_token_names, self.device)
-        self.params, self.lora_configs = weights.params, weights.lora_configs
-        self.soft_token_ids = weights.soft_token_ids
-        self.ema = {name: p.detach().clone().float() for name, p in self.params.items()}
-        self.optimizer = torch.optim.AdamW(
-            list(self.params.values()), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon, weight_decay=config.weight_decay,
-        )
-        self.face_bank = self._reference_face_bank()
+        # From here on the pipeline (and the components) change in place; a failure puts them back as they were.
+        snapshot = SetupSnapshot([getattr(pipeline, part) for part in ("unet", "vae", *self.family.text_encoders)]
+                                 + [components.classifier, components.detector, components.face_embedder,
+                                    *components.image_embedders],
+                                 tokenizer=pipeline.tokenizer if self.soft_token_names else None)
+        try:
+            self._set_up_pipeline()
+        except BaseException:
+            snapshot.restore()
+            raise
         self.loss_weights = losses.LossWeights.from_config(config)
         # In fp16, small gradients underflow to zero. The scaler multiplies the loss (so dL/dz_0 and every
         # step's gradient in the adjusted backward), divides the summed gradients before the update and
         # skips a step that overflowed, lowering the scale; it does nothing in float32 or bf16.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
-        unet_config = pipeline.unet.config
-        self.latent_shape = (unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
         self.iteration = 0
         self.ema_updates = 0
         self.nonfinite_steps = 0
@@ -210,6 +225,8 @@ class DistributionalAlignmentTrainer:
         self.untargeted_windows: dict[str, deque] = {}  # the same for the untargeted attributes
         self.base_windows: dict[str, deque] = {}  # ... and for the reference images' untargeted attributes
         self.history: list[dict] = []
+        # A fresh run starts its own training log; a resumed one continues the log of its checkpoint.
+        self._log_mode = "w"
 
     # ------------------------------------------------------------------ setup
     def _make_accelerator(self):
@@ -244,16 +261,32 @@ class DistributionalAlignmentTrainer:
         except OSError as error:
             raise ValueError(f"output_dir {self.output_dir} is not writable: {error}") from None
 
+    def _set_up_pipeline(self) -> None:
+        """Freeze and cast the pipeline, add the trained weights, build the optimizer and the face bank."""
+        config = self.config
+        self._prepare_modules()
+        weights = trainable.add_trainable_weights(self.pipeline, config, self.soft_token_names, self.device)
+        self.params, self.lora_configs = weights.params, weights.lora_configs
+        self.soft_token_ids = weights.soft_token_ids
+        self.ema = {name: p.detach().clone().float() for name, p in self.params.items()}
+        self.optimizer = torch.optim.AdamW(
+            list(self.params.values()), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon, weight_decay=config.weight_decay,
+        )
+        self.face_bank = self._reference_face_bank()
+
     def _prepare_modules(self) -> None:
         """Freeze everything, move to the device; frozen weights in the mixed-precision dtype."""
         pipe, c = self.pipeline, self.components
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, c.classifier, c.detector, c.face_embedder,
+        encoders = [getattr(pipe, name) for name in self.family.text_encoders]
+        for module in (pipe.unet, pipe.vae, *encoders, c.classifier, c.detector, c.face_embedder,
                        *c.image_embedders):
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval().to(self.device)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-            if module.dtype != self.weight_dtype:
-                module.to(dtype=self.weight_dtype)
+        for module in (pipe.unet, pipe.vae, *encoders):
+            dtype = vae_dtype(pipe, self.weight_dtype) if module is pipe.vae else self.weight_dtype
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
         if self.config.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
             pipe.vae.enable_gradient_checkpointing()
@@ -269,22 +302,22 @@ class DistributionalAlignmentTrainer:
         return bank
 
     # ------------------------------------------------------------------ model helpers
-    def _encode(self, text: str, batch: int, length: int | None = None) -> torch.Tensor:
-        """``text``'s embeddings, repeated ``batch`` times.
+    def _encode(self, text: str, batch: int, length: int | None = None, negative: bool = False) -> torch.Tensor:
+        """``text``'s embeddings (the U-Net's ``encoder_hidden_states``), repeated ``batch`` times."""
+        return self._encode_conditioning(text, batch, length, negative).prompt_embeds
+
+    def _encode_conditioning(self, text: str, batch: int, length: int | None = None,
+                             negative: bool = False) -> Conditioning:
+        """``text``'s conditioning of the U-Net, repeated ``batch`` times (``families.encode_prompt``).
 
         ``length=None``: padded to the tokenizer's maximum length without an attention mask, as
-        StableDiffusionPipeline encodes prompts. Otherwise padded (or cut) to ``length`` tokens, with an
-        attention mask that hides the padding (``prompt_padding="natural"``).
+        the stock pipelines encode prompts. Otherwise padded (or cut) to ``length`` tokens, with an
+        attention mask that hides the padding (``prompt_padding="natural"``, SD 1.x). SDXL adds its
+        pooled text embeddings and the time ids of the training images.
         """
-        tokenizer = self.pipeline.tokenizer
-        if length is None:
-            ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
-            return self.pipeline.text_encoder(ids)[0].repeat(batch, 1, 1)
-        tokens = tokenizer([text], padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        embeddings = self.pipeline.text_encoder(tokens.input_ids.to(self.device),
-                                                attention_mask=tokens.attention_mask.to(self.device))[0]
-        return embeddings.repeat(batch, 1, 1)
+        conditioning = encode_prompt(self.pipeline, text, height=self.image_size, width=self.image_size,
+                                     length=length, negative=negative, device=self.device)
+        return conditioning.repeat(batch)
 
     def _natural_length(self, text: str) -> int:
         """The number of tokens of ``text`` (start and end tokens included), at most the tokenizer's maximum."""
@@ -292,7 +325,13 @@ class DistributionalAlignmentTrainer:
         return len(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
     def _embeddings(self, prompt: str, batch: int, finetuned: bool = True):
-        """Prompt and negative-prompt embeddings (the negative one only with guidance).
+        """Prompt and negative-prompt embeddings (the negative one only with guidance): the
+        ``prompt_embeds`` of :meth:`_conditioning`."""
+        cond, neg = self._conditioning(prompt, batch, finetuned)
+        return cond.prompt_embeds, (neg.prompt_embeds if neg is not None else None)
+
+    def _conditioning(self, prompt: str, batch: int, finetuned: bool = True):
+        """The U-Net's conditioning for the prompt and the negative prompt (the negative one only with guidance).
 
         With ``prompt_padding="natural"`` both are padded to the longer of their natural lengths (the
         U-Net's guidance batch needs one length), each with its attention mask.
@@ -303,8 +342,15 @@ class DistributionalAlignmentTrainer:
         length = None
         if self.config.prompt_padding == "natural":
             length = max(self._natural_length(text) for text in texts)
-        cond = self._encode(texts[0], batch, length)
-        return cond, (self._encode(texts[1], batch, length) if guided else None)
+        cond = self._encode_conditioning(texts[0], batch, length)
+        return cond, (self._encode_conditioning(texts[1], batch, length, negative=True) if guided else None)
+
+    @staticmethod
+    def _sampler_kwargs(cond: Conditioning, neg: Conditioning | None) -> dict:
+        """The conditioning arguments of ``sample_latents`` and ``adjusted_backward``."""
+        return dict(negative_prompt_embeds=neg.prompt_embeds if neg is not None else None,
+                    added_cond_kwargs=cond.added_cond_kwargs,
+                    negative_added_cond_kwargs=neg.added_cond_kwargs if neg is not None else None)
 
     def _frozen_model(self):
         """The original model: LoRA adapters disabled (soft tokens are simply left out of the prompt)."""
@@ -321,10 +367,10 @@ class DistributionalAlignmentTrainer:
 
     @torch.no_grad()
     def _sample(self, noise: torch.Tensor, prompt: str, steps: int, finetuned: bool) -> torch.Tensor:
-        cond, neg = self._embeddings(prompt, noise.shape[0], finetuned)
-        latents = sample_latents(self.pipeline.unet, self.scheduler, noise.to(self.device, self.weight_dtype), cond,
-                                 num_inference_steps=steps, guidance_scale=self.config.guidance_scale,
-                                 negative_prompt_embeds=neg)
+        cond, neg = self._conditioning(prompt, noise.shape[0], finetuned)
+        latents = sample_latents(self.pipeline.unet, self.scheduler, noise.to(self.device, self.weight_dtype),
+                                 cond.prompt_embeds, num_inference_steps=steps,
+                                 guidance_scale=self.config.guidance_scale, **self._sampler_kwargs(cond, neg))
         return self._decode(latents)
 
     def _read_faces(self, images: torch.Tensor, *, embed_faces: bool = False) -> FaceReading:
@@ -471,13 +517,13 @@ class DistributionalAlignmentTrainer:
                 #    to .grad; its loss hands back the batch's targets and the sums of its loss parts.
                 if targets is None or targets.finite:
                     for rows in micro_batches:
-                        cond, neg = self._embeddings(draw.prompt, noise[rows].shape[0])
+                        cond, neg = self._conditioning(draw.prompt, noise[rows].shape[0])
                         loss_fn = self._loss_fn(draw, rows, reference, targets)
                         result = adjusted_backward(
-                            self.pipeline.unet, self.scheduler, noise[rows], cond, loss_fn,
+                            self.pipeline.unet, self.scheduler, noise[rows], cond.prompt_embeds, loss_fn,
                             num_inference_steps=draw.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                            negative_prompt_embeds=neg, mode=cfg.dft_mode, standardize=cfg.standardize_dft,
-                            step_weights=cfg.dft_step_weights)
+                            mode=cfg.dft_mode, standardize=cfg.standardize_dft,
+                            step_weights=cfg.dft_step_weights, **self._sampler_kwargs(cond, neg))
                         targets, parts = result.stats  # with one micro-batch: the targets the loss computed
                         for key, value in parts.items():
                             sums[key] = sums.get(key, 0.0) + value
@@ -562,8 +608,9 @@ class DistributionalAlignmentTrainer:
         record.update(base_running_distribution=base)
         self.history.append(record)
         if self.accelerator.is_main_process:
-            with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+            with open(self.output_dir / LOG_FILE, self._log_mode, encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self._log_mode = "a"
             names = ("loss", "dal", "semantics", "face_realism", "preserve", "faces_found", "lr")
             scalars = {k: record[k] for k in names if k in record}
             scalars.update({f"kept/{a}": v for a, v in record.get("kept", {}).items()})
@@ -681,6 +728,7 @@ class DistributionalAlignmentTrainer:
             self.scaler.load_state_dict(counters["grad_scaler"])
         if self.accelerator.is_main_process:
             checkpointing.truncate_log(self.output_dir / LOG_FILE, self.iteration)
+        self._log_mode = "a"
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ results
@@ -693,13 +741,16 @@ class DistributionalAlignmentTrainer:
         training.update(iterations_trained=self.iteration, num_prompts=sum(len(s.prompts) for s in self.prompt_sets))
         fields.setdefault("targets", targets)
         fields.setdefault("training", json.loads(json.dumps(training)))
-        return FairAdaptorMetadata.for_pipeline(self.pipeline, name=name, base_model=self.config.base_model, **fields)
+        base_model = fields.pop("base_model", None) or self.config.base_model
+        return FairAdaptorMetadata.for_pipeline(self.pipeline, name=name, base_model=base_model, **fields)
 
     def save_adaptor(self, folder: str | Path, *, name: str = "fair-adaptor", overwrite: bool = False,
                      **metadata_fields):
         """Save the EMA weights as a fair adaptor (``adaptors.save_fair_adaptor``).
 
-        Call it on every process: the main process writes, the others wait until the folder is
+        ``metadata_fields`` are :class:`~diffusers_fair.adaptors.metadata.FairAdaptorMetadata` fields, e.g.
+        ``description=``, ``license=`` or ``base_model=`` (default: ``config.base_model``, else the
+        pipeline's Hub id). Call it on every process: the main process writes, the others wait until the folder is
         complete. Returns the written metadata on the main process, ``None`` on the others.
         """
         written = None
@@ -708,8 +759,10 @@ class DistributionalAlignmentTrainer:
         self.accelerator.wait_for_everyone()
         return written
 
-    def push_to_hub(self, repo_id: str, *, name: str = "fair-adaptor", **push_kwargs):
+    def push_to_hub(self, repo_id: str, *, name: str = "fair-adaptor", base_model: str | None = None, **push_kwargs):
         """Save the adaptor to a temporary folder and upload it to the Hub repo ``repo_id``.
+
+        ``base_model`` as in :meth:`save_adaptor`; ``push_kwargs`` go to ``adaptors.hub.push_adaptor``.
 
         Call it on every process: the main process uploads and returns the commit, the others return ``None``.
         """
@@ -718,7 +771,7 @@ class DistributionalAlignmentTrainer:
         result = None
         if self.accelerator.is_main_process:
             with tempfile.TemporaryDirectory() as folder:
-                self._write_adaptor(folder, name, False, {})
+                self._write_adaptor(folder, name, False, {"base_model": base_model})
                 result = push_adaptor(folder, repo_id, **push_kwargs)
         self.accelerator.wait_for_everyone()
         return result
@@ -727,14 +780,14 @@ class DistributionalAlignmentTrainer:
         from ..adaptors.format import save_fair_adaptor
 
         metadata = self.adaptor_metadata(name, **metadata_fields)
+        soft_tokens = None
+        if self.soft_token_names:  # SDXL: one vector set per text encoder
+            vectors = [self.ema[key].cpu() for key in ("soft_tokens", "soft_tokens_2") if key in self.ema]
+            soft_tokens = vectors[0] if len(vectors) == 1 else dict(zip(self.family.text_encoders, vectors))
+        loras = {f"{part}_lora": getattr(self.pipeline, part) for part in self.lora_configs}
         with self.ema_weights():
-            return save_fair_adaptor(
-                folder, metadata=metadata, overwrite=overwrite,
-                text_encoder_lora=self.pipeline.text_encoder if "text_encoder" in self.lora_configs else None,
-                unet_lora=self.pipeline.unet if "unet" in self.lora_configs else None,
-                soft_tokens=self.ema["soft_tokens"].cpu() if self.soft_token_names else None,
-                soft_token=self.config.soft_token_prefix,
-            )
+            return save_fair_adaptor(folder, metadata=metadata, overwrite=overwrite, soft_tokens=soft_tokens,
+                                     soft_token=self.config.soft_token_prefix, **loras)
 
 
 def plot_loss_curve(log_file: str | Path, png_file: str | Path) -> Path | None:
