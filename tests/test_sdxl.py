@@ -194,6 +194,23 @@ def test_the_trainers_images_are_the_stock_pipelines(tmp_path):
     torch.testing.assert_close(ours, images, rtol=1e-4, atol=1e-4)
 
 
+def test_a_set_up_failing_part_way_leaves_both_tokenizers_and_encoders_as_they_were(tmp_path):
+    # Reference faces the face embedder cannot read: the failure comes after both encoders were given
+    # their LoRA layers and both tokenizers their soft tokens.
+    pipe, components = tiny_pipeline("sdxl"), tiny_components()
+    components.reference_faces = torch.rand(3, 3, 64, 64)
+    before, vocabularies = state(pipe), (len(pipe.tokenizer), len(pipe.tokenizer_2))
+    settings = dict(base_model="diffusers-fair/tiny-sdxl", output_dir=str(tmp_path / "run"), images_per_prompt=2,
+                    micro_batch_size=2, log_with="none", progress=False, text_encoder_lora_rank=2,
+                    num_soft_tokens=2)
+    with pytest.raises(RuntimeError):
+        DistributionalAlignmentTrainer(FairTrainingConfig.toy(**settings), pipe,
+                                       [TargetDistribution.uniform("gender", ["male", "female"])], PROMPTS,
+                                       components)
+    assert (len(pipe.tokenizer), len(pipe.tokenizer_2)) == vocabularies
+    assert_same(before, state(pipe))
+
+
 def test_the_trainer_adapts_the_text_encoders_the_config_names(tmp_path):
     for choice, parts in (("both", ["text_encoder", "text_encoder_2"]), ("text_encoder_2", ["text_encoder_2"])):
         trainer = tiny_trainer(tmp_path / choice, sdxl_text_encoder_lora=choice)

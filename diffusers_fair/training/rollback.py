@@ -7,7 +7,7 @@ these steps change before they run, and :meth:`SetupSnapshot.restore` puts it ba
 
 The snapshot keeps references, not copies, of the modules' tensors (casting and moving replace a
 parameter's data, they do not write into it), so it costs no memory on the device; only the
-tokenizer is copied, and only when soft tokens are about to be added.
+tokenizers are copied, and only when soft tokens are about to be added.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ def _attributes(obj) -> dict:
 
 
 class SetupSnapshot:
-    """The state of ``modules`` (and of ``tokenizer``, if given) that a trainer's set-up changes.
+    """The state of ``modules`` (and of ``tokenizers``) that a trainer's set-up changes.
 
     Args:
         modules: the ``torch.nn.Module`` s the set-up may change (other objects are ignored).
-        tokenizer: the tokenizer soft tokens will be added to, or ``None``.
+        tokenizers: the tokenizers soft tokens will be added to (both of an SDXL pipeline), or none.
     """
 
-    def __init__(self, modules, tokenizer=None):
+    def __init__(self, modules, tokenizers=()):
         submodules = {}
         for module in modules:
             if isinstance(module, torch.nn.Module):
@@ -42,18 +42,17 @@ class SetupSnapshot:
         configs = {id(sub.config): sub.config for sub in submodules.values()
                    if hasattr(getattr(sub, "config", None), "__dict__")}
         self.configs = [(config, _attributes(config)) for config in configs.values()]
-        self.tokenizer = None if tokenizer is None else (tokenizer, copy.deepcopy(tokenizer).__dict__)
+        self.tokenizers = [(tokenizer, copy.deepcopy(tokenizer).__dict__) for tokenizer in tokenizers]
 
     def restore(self) -> None:
         """Put everything recorded back: submodules, hooks, modes, flags, parameter data, dtypes, devices,
-        ``requires_grad``, configs and the tokenizer."""
+        ``requires_grad``, configs and the tokenizers."""
         for obj, attributes in [*self.attributes, *self.configs]:
             vars(obj).clear()
             vars(obj).update(attributes)
         for parameter, data, requires_grad in self.parameters:
             parameter.data = data
             parameter.requires_grad_(requires_grad)
-        if self.tokenizer is not None:
-            tokenizer, attributes = self.tokenizer
+        for tokenizer, attributes in self.tokenizers:
             vars(tokenizer).clear()
             vars(tokenizer).update(attributes)

@@ -207,7 +207,8 @@ class DistributionalAlignmentTrainer:
         snapshot = SetupSnapshot([getattr(pipeline, part) for part in ("unet", "vae", *self.family.text_encoders)]
                                  + [components.classifier, components.detector, components.face_embedder,
                                     *components.image_embedders],
-                                 tokenizer=pipeline.tokenizer if self.soft_token_names else None)
+                                 tokenizers=[getattr(pipeline, name) for name in self.family.tokenizers]
+                                 if self.soft_token_names else [])
         try:
             self._set_up_pipeline()
         except BaseException:
