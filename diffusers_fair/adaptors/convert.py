@@ -32,7 +32,6 @@ classes or cells (race and joint targets; binary targets are the same with eithe
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -89,8 +88,13 @@ def load_release_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise ValueError(f"{path.name} is not a plain tensor file that loads with weights_only=True: {error}") from None
+    except OSError as error:  # missing, a folder, no permission
+        raise ValueError(f"{path} cannot be read: {error.strerror or error}") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # torch's unpickler raises many kinds on garbage (struct.error, KeyError, ...)
+        raise ValueError(f"{path.name} is not a plain tensor file that loads with weights_only=True: "
+                         f"{type(error).__name__}: {str(error)[:200]}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ValueError(f"{path.name} must hold a dict of name -> tensor")
     if all(key.startswith("module.") for key in state):  # saved from a DistributedDataParallel wrapper
@@ -105,6 +109,9 @@ def _pairs_to_peft(pairs: dict[str, dict[str, torch.Tensor]], what: str) -> tupl
         if set(pair) != {"up", "down"}:
             raise ValueError(f"{what}: layer {module!r} lacks its {'up' if 'down' in pair else 'down'} weight")
         down, up = pair["down"], pair["up"]
+        if not (down.is_floating_point() and up.is_floating_point()):
+            raise ValueError(f"{what}: layer {module!r} has weights of type {down.dtype}, {up.dtype}; floating-point "
+                             f"weights expected (they are refused, not converted)")
         if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
             raise ValueError(f"{what}: layer {module!r} has inconsistent shapes down {tuple(down.shape)}, up {tuple(up.shape)}")
         ranks.add(down.shape[0])
@@ -152,6 +159,8 @@ def convert_prefix_embedding(state: dict[str, torch.Tensor]) -> torch.Tensor:
     if unknown or "token_embedding.weight" not in state:
         raise ValueError(f"prefix_embedding: expected keys {sorted(_PREFIX_KEYS)}, got {sorted(state)}")
     table = state["token_embedding.weight"]
+    if not table.is_floating_point():
+        raise ValueError(f"prefix_embedding: token_embedding.weight is {table.dtype}, floating-point weights expected")
     if table.dim() != 2 or table.shape[0] < 2:
         raise ValueError(f"prefix_embedding: token_embedding.weight has shape {tuple(table.shape)}, expected (n_tokens + 1, hidden)")
     return table[1:].float().clone()

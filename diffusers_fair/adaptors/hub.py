@@ -22,13 +22,15 @@ raise ``ValueError`` naming the cause.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shlex
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .._utils.io import read_json
+from .._utils.io import read_json, replace_atomically
 from .format import FairAdaptor, read_fair_adaptor
 from .metadata import (
     CARD_NAME,
@@ -49,8 +51,39 @@ STATUSES = ("published", "unpublished", "local")
 PUSH_RECORD_NAME = "hub_pushes.json"
 
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# A branch or tag name as the Hub shows them (``main``, ``v1.0``, ``refs/pr/1``): names of letters, digits,
+# ``.``, ``_``, ``-`` and ``+`` joined by single ``/``; never ``..``, a leading ``.`` or ``-``, or a path.
+_REVISION = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9._+-]*(/[A-Za-z0-9_+][A-Za-z0-9._+-]*)*")
+MAX_REVISION_LENGTH = 255
+MAX_INDEX_BYTES = 4 << 20
+MAX_NAME_LENGTH = 4096  # a name, folder or repo id given to resolve_adaptor; each path part at most 255
+MAX_PATH_PART = 255
+
+
+def check_revision(revision) -> str:
+    """Raise ``ValueError`` unless ``revision`` is a commit sha, a branch or a tag name (never a path)."""
+    if (not isinstance(revision, str) or len(revision) > MAX_REVISION_LENGTH or not _REVISION.fullmatch(revision)
+            or ".." in revision or revision.endswith((".", ".lock"))):
+        shown = repr(revision) if len(str(revision)) <= 80 else repr(str(revision)[:77] + "...")
+        raise ValueError(
+            f"revision {shown} is not a commit sha, a branch or a tag name (names of letters, digits, '.', '_', '-' "
+            f"and '+' joined by '/', no '..', at most {MAX_REVISION_LENGTH} characters); a revision is never a path"
+        )
+    return revision
+
+
+def _check_name_length(text: str) -> None:
+    """Refuse names the filesystem would refuse with ``OSError`` (too long as a path)."""
+    parts = re.split(r"[/\\]", text)
+    if len(text) > MAX_NAME_LENGTH or any(len(part) > MAX_PATH_PART for part in parts):
+        raise ValueError(
+            f"{text[:60]!r}... is too long for an adaptor name, folder or Hub repo id ({len(text)} characters, "
+            f"{max(map(len, parts))} in one path part; at most {MAX_NAME_LENGTH} and {MAX_PATH_PART})"
+        )
 RELEASE_FIELDS = ("documentation", "archive", "file")
 CONVERT_COMMAND = "diffusers-fair convert"
+
+logger = logging.getLogger(__name__)
 
 
 class AdaptorDownloadError(ValueError):
@@ -178,7 +211,8 @@ def _entry_from_dict(name: str, data: dict, source: Path) -> IndexEntry:
 def load_index(path: str | Path | None = None) -> dict[str, IndexEntry]:
     """Read and validate the adaptor index (default: the one shipped with the package)."""
     path = Path(path) if path is not None else INDEX_PATH
-    data = read_json(path, "the adaptor index", missing=f"the adaptor index {path} is missing (a broken installation?)")
+    missing = f"the adaptor index {path} is missing (a broken installation?)"
+    data = read_json(path, "the adaptor index", missing=missing, max_bytes=MAX_INDEX_BYTES)
     if not isinstance(data, dict):
         raise ValueError(f"the adaptor index {path} must hold a JSON object")
     if data.get("format_version") != INDEX_FORMAT_VERSION:
@@ -215,6 +249,7 @@ def resolve_adaptor(
     ``revision`` overrides an index entry's pinned commit and is refused for local folders.
     """
     text = str(name_or_path)
+    _check_name_length(text)
     index_dir = Path(index_path if index_path is not None else INDEX_PATH).parent
     if isinstance(name_or_path, str) and "/" not in text and "\\" not in text:
         index = load_index(index_path)
@@ -235,11 +270,15 @@ def resolve_adaptor(
             adaptor = download_adaptor(entry.repo_id, revision=revision or entry.revision, token=token, cache_dir=cache_dir)
             return _check_against_entry(adaptor, entry)
     path = Path(text)
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as error:  # no permission on a folder above it
+        raise ValueError(f"{text} cannot be read: {error.strerror or error}") from None
+    if is_dir:
         if revision is not None:
             raise ValueError(f"{text} is a local folder; revision= applies to Hub adaptors only")
         return read_fair_adaptor(path)
-    if path.is_file():
+    if is_file:
         pickle = path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl")
         hint = ("PyTorch pickles are never loaded; convert the original release's .pth files with "
                 "`diffusers-fair convert`" if pickle else f"give the folder holding it and its {METADATA_NAME}")
@@ -292,6 +331,8 @@ def download_adaptor(
         RevisionNotFoundError,
     )
 
+    if revision is not None:
+        check_revision(revision)  # offline, huggingface_hub would look a path up as a snapshot folder
     where = f"{repo_id}@{revision or 'main'}"
     endpoint = constants.ENDPOINT
     try:
@@ -340,7 +381,8 @@ def download_adaptor(
             f"pipe.load_lora_weights)"
         )
     try:
-        return read_fair_adaptor(folder, source=source)
+        # The cache keeps a snapshot's files as links into the repo's blobs/; links elsewhere are refused.
+        return read_fair_adaptor(folder, source=source, links_within=folder.parent.parent)
     except ValueError as error:
         raise AdaptorDownloadError(str(error)) from None
 
@@ -371,8 +413,10 @@ def pull_adaptor(
         raise ValueError(f"{folder} already holds an adaptor; pass overwrite=True (--overwrite) to replace it")
     folder.mkdir(parents=True, exist_ok=True)
     for name in [*adaptor.metadata.files, CARD_NAME, METADATA_NAME]:  # the metadata last: a complete copy
-        if (adaptor.folder / name).is_file():
-            shutil.copyfile(adaptor.folder / name, folder / name)
+        source = adaptor.folder / name
+        if source.is_file():
+            # Each file is renamed into place: a link already there is replaced, never written through.
+            replace_atomically(folder / name, lambda path, source=source: shutil.copyfile(source, path))
     return read_fair_adaptor(folder, source=f"{adaptor.source} (copied to {folder})")
 
 
@@ -411,12 +455,19 @@ def push_adaptor(
 
     adaptor = read_fair_adaptor(folder)
     folder = Path(folder)
+    if (folder / CARD_NAME).is_symlink():
+        raise ValueError(f"{folder}: {CARD_NAME} is a symbolic link; an adaptor's files must be regular files in "
+                         f"its folder")
     if not (folder / CARD_NAME).is_file():
         raise ValueError(f"{folder} has no {CARD_NAME} model card; save the adaptor with save_fair_adaptor")
-    if not looks_like_repo_id(repo_id):
+    if not isinstance(repo_id, str) or not looks_like_repo_id(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hub repo id 'owner/name'")
     if revision is not None and (not revision or _COMMIT_SHA.match(revision)):
         raise ValueError(f"revision must name a branch to push to, got {revision!r}")
+    if revision is not None:
+        check_revision(revision)
+    record_path = folder / PUSH_RECORD_NAME
+    _read_push_records(record_path)  # a corrupt record is refused now, not after the push
     if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
         raise ValueError(f"license must be a Hub license id such as 'creativeml-openrail-m', got {license!r}")
     api = api if api is not None else HfApi(token=token)
@@ -447,11 +498,34 @@ def push_adaptor(
             f"pushing {folder} to {repo_id} on {api.endpoint} failed: {_cause(error)}{_push_hint(error)}"
         ) from None
     commit = info.oid
-    record_path = folder / PUSH_RECORD_NAME
-    records = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else []
+    try:
+        records = _read_push_records(record_path)
+    except ValueError as error:  # spoilt while pushing: keep it aside, never lose the new commit
+        corrupt = record_path.with_name(f"{PUSH_RECORD_NAME}.corrupt")
+        os.replace(record_path, corrupt)
+        logger.warning("%s; it was moved to %s and a new record started", error, corrupt)
+        records = []
     records.append({"repo_id": repo_id, "revision": revision or "main", "commit": commit, "endpoint": api.endpoint, "files": files})
-    record_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(records, indent=2) + "\n"
+    replace_atomically(record_path, lambda path: path.write_text(text, encoding="utf-8"))
     return commit
+
+
+def _read_push_records(path: Path) -> list:
+    """The pushes recorded in ``hub_pushes.json`` (``[]`` without the file); ``ValueError`` if it is not a list
+    of objects."""
+    if not path.exists() and not path.is_symlink():
+        return []
+    fix = "move it away or delete it (it only records earlier pushes), then push again"
+    if path.is_symlink():
+        raise ValueError(f"the push record {path} is a symbolic link; {fix}")
+    try:
+        records = read_json(path, "the push record", max_bytes=16 << 20)
+    except ValueError as error:
+        raise ValueError(f"{error}; {fix}") from None
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise ValueError(f"the push record {path} must hold a JSON list of pushes; {fix}")
+    return records
 
 
 def _push_hint(error: BaseException) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .._utils.io import read_json
+from .._utils.io import json_depth, read_json
 from ..method.targets import TargetDistribution
 
 
@@ -29,15 +29,23 @@ LORA_COMPONENTS = ("text_encoder", "unet")
 
 # Base model ids. The toy model ships inside the package and has no Hub id of its own.
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 TOY_BASE_MODEL = "diffusers-fair/toy"
 BASE_MODEL_MARKER = "fair_base_model.json"  # in a local pipeline folder: {"base_model": "<id>"}
 BASE_MODEL_ALIASES = {"runwayml/stable-diffusion-v1-5": SD15}
 # The Hub license of each known base model; an adaptor's weights fall under it unless it names its own.
 # The diffusers-fair package declares no license of its own, so the toy model's is "unknown".
-BASE_MODEL_LICENSES = {SD15: "creativeml-openrail-m", TOY_BASE_MODEL: "unknown"}
+BASE_MODEL_LICENSES = {SD15: "creativeml-openrail-m", SDXL_BASE: "openrail++", TOY_BASE_MODEL: "unknown"}
 
 _TOKEN_PATTERN = re.compile(r"^\S+$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Bounds on what a fair_adaptor.json may hold; a file beyond them was not written by save_fair_adaptor.
+MAX_METADATA_BYTES = 4 << 20
+MAX_METADATA_DEPTH = 32
+MAX_NAME_LENGTH = 200  # name, base_model, base_revision, license
+MAX_TOKEN_LENGTH = 64  # soft_token
+MAX_SIZE = 1 << 20  # text_hidden_size, cross_attention_dim
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -51,8 +59,33 @@ def sha256_file(path: str | Path) -> str:
 
 
 def looks_like_repo_id(text: str) -> bool:
-    """``"owner/name"`` with the characters the Hub allows."""
-    return bool(_REPO_ID.match(text))
+    """``"owner/name"`` with the characters the Hub allows (each part at most 96 characters)."""
+    return bool(_REPO_ID.match(text)) and all(len(part) <= 96 for part in text.split("/"))
+
+
+def is_finite_number(value) -> bool:
+    """An ``int`` or ``float`` (not a ``bool``) that is finite as a float (huge integers are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def soft_token_names(soft_token: str, count: int) -> list[str]:
+    """The vocabulary entries diffusers adds for ``count`` vectors stored under ``soft_token``:
+    ``soft_token``, ``soft_token_1``, ..., ``soft_token_{count - 1}``."""
+    return [soft_token] + [f"{soft_token}_{i}" for i in range(1, count)]
+
+
+def check_soft_token(soft_token, what: str = "soft_token") -> str:
+    """Raise ``ValueError`` unless ``soft_token`` is a string without whitespace of at most 64 characters."""
+    if not isinstance(soft_token, str) or not _TOKEN_PATTERN.match(soft_token):
+        raise ValueError(f"{what} must be a non-empty string without spaces, got {soft_token!r}")
+    if len(soft_token) > MAX_TOKEN_LENGTH:
+        raise ValueError(f"{what} is {len(soft_token)} characters; at most {MAX_TOKEN_LENGTH}")
+    return soft_token
 
 
 def canonical_base_model(name: str) -> str:
@@ -103,18 +136,41 @@ def target_to_dict(target: TargetDistribution) -> dict:
 def target_from_dict(data: Mapping) -> TargetDistribution:
     """Inverse of :func:`target_to_dict`; raises ``ValueError`` on malformed data."""
     if not isinstance(data, Mapping) or "classes" not in data or "probs" not in data:
-        raise ValueError(f"a target must be a dict with 'classes' and 'probs', got {data!r}")
-    classes = data["classes"]
-    if not isinstance(classes, Mapping) or not classes:
-        raise ValueError(f"target 'classes' must be a non-empty dict, got {classes!r}")
+        raise ValueError(f"a target must be a dict with 'classes' and 'probs', got {_short(data)}")
+    classes, probs = data["classes"], data["probs"]
+    if not isinstance(classes, Mapping) or not classes or not all(isinstance(n, (list, tuple)) for n in classes.values()):
+        raise ValueError(f"target 'classes' must be a non-empty dict of attribute -> list of class names, got "
+                         f"{_short(classes)}")
+    if not isinstance(probs, (list, tuple)) or not all(is_finite_number(p) for p in probs):
+        raise ValueError(f"target 'probs' must be a list of finite numbers, got {_short(probs)}")
     shape = tuple(len(names) for names in classes.values())
-    probs = torch.tensor([float(p) for p in data["probs"]], dtype=torch.float64)
-    if probs.numel() != math.prod(shape):
-        raise ValueError(f"target has {probs.numel()} probabilities for {math.prod(shape)} cells")
-    return TargetDistribution.joint(classes, probs.reshape(shape))
+    if len(probs) != math.prod(shape):
+        raise ValueError(f"target has {len(probs)} probabilities for {math.prod(shape)} cells")
+    table = torch.tensor([float(p) for p in probs], dtype=torch.float64).reshape(shape)
+    return TargetDistribution.joint(classes, table)
+
+
+def _short(value) -> str:
+    """``repr(value)``, cut to 80 characters for messages."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_lora_summary(component, summary) -> None:
+    """One component's entry of ``lora``, as :func:`~diffusers_fair.adaptors.lora_state.lora_summary` writes it."""
+    if not isinstance(component, str) or not isinstance(summary, Mapping):
+        raise ValueError(f"lora must map component names to summaries, got {_short(component)}: {_short(summary)}")
+    for what in ("rank", "num_layers"):
+        value = summary.get(what)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+            raise ValueError(f"lora[{component!r}][{what!r}] must be a positive integer, got {_short(value)}")
+    if not is_finite_number(summary.get("alpha")):
+        raise ValueError(f"lora[{component!r}]['alpha'] must be a finite number, got {_short(summary.get('alpha'))}")
 
 
 def _check_json(value, what: str):
+    if json_depth(value) > MAX_METADATA_DEPTH:
+        raise ValueError(f"{what} is nested more than {MAX_METADATA_DEPTH} levels deep")
     try:
         json.dumps(value)
     except (TypeError, ValueError) as error:
@@ -181,42 +237,92 @@ class FairAdaptorMetadata:
             raise ValueError("metadata name must be a non-empty string")
         if not isinstance(self.base_model, str) or not self.base_model.strip():
             raise ValueError("metadata base_model must be a non-empty string (a Hub id)")
+        for what in ("name", "base_model", "base_revision", "license"):
+            value = getattr(self, what)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"metadata {what} must be a string, got {type(value).__name__}")
+            if value is not None and len(value) > MAX_NAME_LENGTH:
+                raise ValueError(f"metadata {what} is {len(value)} characters; at most {MAX_NAME_LENGTH}")
+        if self.license is None:
+            self.license = ""  # the base model's license
+        for what in ("description", "eval_prompts"):
+            if not isinstance(getattr(self, what), str):
+                raise ValueError(f"metadata {what} must be a string, got {type(getattr(self, what)).__name__}")
         for what in ("text_hidden_size", "cross_attention_dim"):
             value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"metadata {what} must be a positive integer, got {value!r}")
-        if not isinstance(self.format_version, int) or self.format_version < 1:
-            raise ValueError(f"format_version must be a positive integer, got {self.format_version!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+                raise ValueError(f"metadata {what} must be a positive integer of at most {MAX_SIZE}, got "
+                                 f"{_short(value)}")
+        version = self.format_version
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"format_version must be a positive integer, got {_short(version)}")
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"this adaptor uses format version {self.format_version}; this diffusers-fair reads up to "
                 f"version {FORMAT_VERSION}: upgrade diffusers-fair"
             )
-        if self.kind is not None and self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind is not None and (not isinstance(self.kind, str) or self.kind not in KINDS):
+            raise ValueError(f"kind must be one of {KINDS}, got {_short(self.kind)}")
         if not isinstance(self.targets, (list, tuple)):
             raise ValueError(f"targets must be a list of target distributions, got {type(self.targets).__name__}")
-        self.targets = [
-            target_to_dict(t) if isinstance(t, TargetDistribution) else target_to_dict(target_from_dict(t))
-            for t in self.targets
-        ]
+        targets = []
+        for i, target in enumerate(self.targets):
+            try:
+                target = target if isinstance(target, TargetDistribution) else target_from_dict(target)
+                targets.append(target_to_dict(target))
+            except ValueError as error:
+                raise ValueError(f"targets[{i}]: {error}") from None
+        self.targets = targets
         for what in ("metrics_before", "metrics_after"):
             metrics = getattr(self, what)
             if not isinstance(metrics, Mapping):
                 raise ValueError(f"{what} must be a dict of metric name -> number")
             for key, value in metrics.items():
                 if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"{what}[{key!r}] must map a name to a number, got {value!r}")
-                if not math.isfinite(value):
-                    raise ValueError(f"{what}[{key!r}] is not finite: {value!r}")
-        _check_json(self.training, "training")
-        _check_json(self.lora, "lora")
+                    raise ValueError(f"{what}[{_short(key)}] must map a name to a number, got {_short(value)}")
+                if not is_finite_number(value):
+                    raise ValueError(f"{what}[{key!r}] is not finite (or too large): {_short(value)}")
+        for what in ("training", "lora", "library_versions"):
+            if not isinstance(getattr(self, what), Mapping):
+                raise ValueError(f"metadata {what} must be a dict, got {type(getattr(self, what)).__name__}")
+            _check_json(getattr(self, what), what)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.library_versions.items()):
+            raise ValueError("library_versions must map package names to version strings")
+        for component, summary in self.lora.items():
+            _check_lora_summary(component, summary)
         if not isinstance(self.files, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in self.files.items()
         ):
             raise ValueError("files must map file names to hex sha256 digests")
         if not isinstance(self.token_names, list) or not all(isinstance(t, str) for t in self.token_names):
             raise ValueError("token_names must be a list of strings")
+        self._check_tokens()
+
+    def _check_tokens(self) -> None:
+        """Only soft tokens name tokens: ``soft_token`` and ``token_names`` (its numbered followers) go together,
+        and a ``lora`` adaptor has neither."""
+        if self.kind == "lora" and (self.soft_token is not None or self.token_names):
+            raise ValueError(f"a lora adaptor has no soft tokens, so it cannot set soft_token or token_names "
+                             f"(got {_short(self.soft_token)}, {_short(self.token_names)})")
+        if self.soft_token is None and self.token_names:
+            raise ValueError(f"token_names {_short(self.token_names)} are given without their soft_token")
+        if self.soft_token is not None:
+            check_soft_token(self.soft_token)
+            expected = soft_token_names(self.soft_token, max(len(self.token_names), 1))
+            if self.token_names != expected:
+                raise ValueError(f"token_names must be {_short(expected)} (soft_token and its numbered followers), "
+                                 f"got {_short(self.token_names)}")
+
+    def check_complete(self) -> None:
+        """Raise ``ValueError`` unless the fields written on save are all there for the kind: a soft-token
+        kind names its tokens, a LoRA kind summarises its LoRA, and neither has the other's."""
+        if self.kind is None:
+            raise ValueError("kind is missing (it is written on save)")
+        if "soft_tokens" in self.kind and self.soft_token is None:
+            raise ValueError(f"a {self.kind} adaptor needs its soft_token")
+        if bool(self.lora) != ("lora" in self.kind):
+            raise ValueError(f"a {self.kind} adaptor {'needs' if 'lora' in self.kind else 'has no'} LoRA summary "
+                             f"(lora), got {_short(self.lora)}")
 
     @classmethod
     def for_pipeline(cls, pipe, *, name: str, base_model: str | None = None, **kwargs) -> FairAdaptorMetadata:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from ..components.families import SDXL, family_of_sizes
 from .metadata import METADATA_NAME, TOY_BASE_MODEL, FairAdaptorMetadata, default_license, looks_like_repo_id
 
 
@@ -70,6 +71,8 @@ def _usage(meta: FairAdaptorMetadata, where: str) -> list[str]:
         imports, base = ["from diffusers_fair.toy import model_path"], "model_path()"
     else:
         imports, base = [], f'"{meta.base_model}"'
+    if family_of_sizes(meta.text_hidden_size, meta.cross_attention_dim) is SDXL:
+        return _sdxl_usage(meta, where, base, imports)
     if meta.soft_token:  # FairFinetunePipeline starts every prompt with the soft tokens
         lines = ["```python", "from diffusers_fair import FairFinetunePipeline", *imports, "",
                  f"pipe = FairFinetunePipeline.from_pretrained({base})"]
@@ -84,6 +87,25 @@ def _usage(meta: FairAdaptorMetadata, where: str) -> list[str]:
     if meta.soft_token:
         lines += ["", (f'With diffusers alone: `pipe.load_textual_inversion("{alone}")`, and start every prompt '
                        f"(not the negative prompt) with `{meta.soft_token}`.")]
+    return lines
+
+
+def _sdxl_usage(meta: FairAdaptorMetadata, where: str, base: str, imports: list[str]) -> list[str]:
+    """"How to use" for an SDXL adaptor: a stock ``StableDiffusionXLPipeline``; soft tokens start the prompt by hand."""
+    prompt = f'"{meta.soft_token} a photo of the face of a doctor"' if meta.soft_token else '"a photo of the face of a doctor"'
+    lines = ["```python", "from diffusers import StableDiffusionXLPipeline", "",
+             "import diffusers_fair  # adds load_fair_adaptor to diffusers' Stable Diffusion pipelines",
+             *imports, "", f"pipe = StableDiffusionXLPipeline.from_pretrained({base})",
+             f'pipe.load_fair_adaptor("{where}")', f"image = pipe({prompt}).images[0]", "```"]
+    alone = where if looks_like_repo_id(where) else PLACEHOLDER
+    if meta.lora:
+        lines += ["", f'With diffusers alone: `pipe.load_lora_weights("{alone}")`.']
+    if meta.soft_token:
+        lines += ["", ("With diffusers alone: load `learned_embeds.safetensors` with safetensors' `load_file` and call "
+                       f'`pipe.load_textual_inversion(state["clip_l"], token="{meta.soft_token}", '
+                       "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the same with "
+                       '`state["clip_g"]`, `pipe.text_encoder_2` and `pipe.tokenizer_2`; start every prompt (not the '
+                       f"negative prompt) with `{meta.soft_token}`.")]
     return lines
 
 

@@ -1,7 +1,8 @@
 """Loading fair adaptors into Stable Diffusion pipelines.
 
 ``import diffusers_fair`` gives diffusers' Stable Diffusion pipelines (SD 1.x / 2.x:
-``StableDiffusionPipeline`` and its img2img and inpainting variants) the methods
+``StableDiffusionPipeline`` and its img2img and inpainting variants; SDXL:
+``StableDiffusionXLPipeline`` and its variants, LoRA of both text encoders and soft tokens in both) the methods
 ``load_fair_adaptor`` and ``unload_fair_adaptor`` and the read-only property ``fair_adaptors``
 (:func:`register_pipeline_methods`), the way diffusers' loader mixins give them ``load_lora_weights``::
 
@@ -41,6 +42,7 @@ trained (``prompt_padding.py``). With no adaptor loaded it generates exactly wha
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -51,34 +53,65 @@ from dataclasses import dataclass
 import torch
 from diffusers import StableDiffusionPipeline
 
+from ..components.families import SDXL, family_of, load_soft_tokens, unload_soft_tokens
 from .format import FairAdaptor
 from .hub import resolve_adaptor
-from .metadata import LORA_WEIGHT_NAME, SOFT_TOKENS_NAME, FairAdaptorMetadata, base_model_id, canonical_base_model
+from .metadata import (
+    LORA_WEIGHT_NAME,
+    SOFT_TOKENS_NAME,
+    FairAdaptorMetadata,
+    base_model_id,
+    canonical_base_model,
+    is_finite_number,
+    soft_token_names,
+)
 from .prompt_padding import PROMPT_PADDINGS, encode_natural, prompt_padding_of
+from .transaction import (
+    PipelineSnapshot,
+    input_embedding_flags,
+    restore_input_embedding_flags,
+    restore_requires_grad,
+    unwrap_empty_layers,
+)
 
 
 logger = logging.getLogger(__name__)
 
-LORA_COMPONENTS = ["unet", "text_encoder"]
-# diffusers' Stable Diffusion 1.x / 2.x pipelines: one CLIP text encoder, one U-Net, LoRA and
-# textual-inversion loaders.
+LORA_COMPONENTS = ["unet", "text_encoder", "text_encoder_2"]
+# diffusers' Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder) and SDXL pipelines (two),
+# each with one U-Net, LoRA and textual-inversion loaders; components/families.py holds their differences.
 STABLE_DIFFUSION_PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
 )
+
+
+def _components(pipe) -> list[str]:
+    """The LoRA components ``pipe`` has (``text_encoder_2`` only on SDXL), for diffusers' fuse and unfuse calls."""
+    return [component for component in LORA_COMPONENTS if getattr(pipe, component, None) is not None]
 METHOD_NAMES = ("load_fair_adaptor", "unload_fair_adaptor", "fair_adaptors")
 _REGISTRY = "_fair_adaptors"
+MAX_ADAPTER_NAME = 64
 
 
 @dataclass(frozen=True)
 class _Provenance:
-    """What peft cannot know about a loaded fair adaptor: where it came from and what it holds."""
+    """What peft cannot know about a loaded fair adaptor: where it came from and what it holds.
+
+    ``requires_grad``: the flags of the pipeline's parameters before its first fair adaptor
+    (:func:`~.transaction.requires_grad_flags`), held by the oldest loaded record and given back
+    when the last one is unloaded; ``None`` on the others.
+    """
 
     source: str
     metadata: FairAdaptorMetadata
     has_lora: bool
     token_names: tuple
+    requires_grad: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -197,7 +230,7 @@ class _LoraState:
         """Merge again what was merged, less ``removed``. ``added`` joins the merge in the components
         that were fused and in those where it is the only LoRA adapter."""
         had_layers = {component for component, _ in self.layers}
-        for component in LORA_COMPONENTS:
+        for component in _components(pipe):
             names = [name for name in self.merged.get(component, []) if name not in removed]
             if added is not None and self.merged and (names or component not in had_layers):
                 names.append(added)
@@ -294,7 +327,7 @@ def _lora_target_module(pipe, key: str, source: str):
     if model is None:
         raise ValueError(f"{source}: the adaptor has {component} LoRA weights but the pipeline has no {component}")
     path = rest.rsplit(".", 2)[0]
-    if component == "text_encoder" and not hasattr(model, "text_model"):
+    if component.startswith("text_encoder") and not hasattr(model, "text_model"):
         path = path.removeprefix("text_model.")
     try:
         module = model.get_submodule(path)
@@ -306,6 +339,26 @@ def _lora_target_module(pipe, key: str, source: str):
     return module
 
 
+def vocabulary_clashes(tokenizer, names) -> list[str]:
+    """The ``names`` that are already vocabulary entries in any form the tokenizer reads text in.
+
+    A name clashes when the vocabulary holds it as it is, as the tokenizer normalises it (CLIP
+    lower-cases: ``Doctor``), or as a whole word (CLIP's ``doctor</w>``), or when an added token is
+    the same up to case. Such a name, added as a token, would take over that word in every prompt.
+    """
+    vocab = tokenizer.get_vocab()
+    added = {token.lower() for token in tokenizer.get_added_vocab()}
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    clashes = []
+    for name in names:
+        forms = {name, name.lower()}
+        if normalizer is not None:
+            forms.add(normalizer.normalize_str(name))
+        if any(form in vocab or f"{form}</w>" in vocab or form.lower() in added for form in forms):
+            clashes.append(name)
+    return clashes
+
+
 def check_compatible(
     pipe, adaptor: FairAdaptor, *, adapter_name: str, weight: float = 1.0, check_base_model: bool = True
 ) -> None:
@@ -314,8 +367,8 @@ def check_compatible(
     for component in ("tokenizer", "text_encoder", "unet"):
         if getattr(pipe, component, None) is None:
             raise ValueError(f"fair adaptors need a pipeline with a {component}; {type(pipe).__name__} has none")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise ValueError(f"weight must be a finite number, got {weight!r}")
+    if not is_finite_number(weight):
+        raise ValueError(f"weight must be a finite number, got {str(weight)[:50]}")
     if not adaptor.has_lora and weight != 1.0:
         raise ValueError(f"{source} has only soft tokens, which cannot be weighted; use weight=1.0")
     hidden = pipe.text_encoder.config.hidden_size
@@ -330,8 +383,9 @@ def check_compatible(
             f"{source} was trained on {meta.base_model}, this pipeline is {base}; pass check_base_model=False "
             f"to load it anyway"
         )
-    if not re.match(r"^[A-Za-z0-9_-]+$", adapter_name or ""):
-        raise ValueError(f"adapter_name must be letters, digits, '_' or '-', got {adapter_name!r}")
+    if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,%d}" % MAX_ADAPTER_NAME, adapter_name):
+        raise ValueError(f"adapter_name must be 1 to {MAX_ADAPTER_NAME} letters, digits, '_' or '-', got "
+                         f"{str(adapter_name)[:80]!r}")
     if adapter_name in _all_adapter_names(pipe) or adapter_name in _provenance(pipe):
         raise ValueError(f"an adapter named {adapter_name!r} is already loaded; pass another adapter_name=")
 
@@ -348,28 +402,44 @@ def check_compatible(
         if not hasattr(pipe, "load_textual_inversion"):
             raise ValueError(f"{type(pipe).__name__} cannot load soft tokens (no load_textual_inversion)")
         token, embeddings = adaptor.soft_tokens()
-        expected = [token] + [f"{token}_{i}" for i in range(1, embeddings.shape[0])]
+        expected = soft_token_names(token, embeddings.shape[0])
         if token != meta.soft_token or expected != list(meta.token_names):
             raise ValueError(f"{source}: {SOFT_TOKENS_NAME} holds {token!r} x {embeddings.shape[0]}, the metadata says {meta.token_names}")
         if embeddings.shape[1] != hidden:
             raise ValueError(f"{source}: soft tokens have size {embeddings.shape[1]}, the text encoder {hidden}")
-        vocab = pipe.tokenizer.get_vocab()
-        taken = [name for name in expected if name in vocab]
+        taken = vocabulary_clashes(pipe.tokenizer, expected)
         if taken:
             raise ValueError(f"{source}: the tokens {taken} are already in the tokenizer (another soft-token adaptor loaded?)")
+        _check_soft_tokens_per_encoder(pipe, adaptor, expected)
+
+
+def _check_soft_tokens_per_encoder(pipe, adaptor: FairAdaptor, names: list[str]) -> None:
+    """Soft tokens for each of the pipeline's text encoders (SDXL: both), of its size, not in its tokenizer."""
+    family, source = family_of(pipe), adaptor.source
+    vectors = adaptor.soft_tokens_by_encoder()
+    if sorted(vectors) != sorted(family.text_encoders):
+        raise ValueError(f"{source}: the soft tokens are for the text encoders {sorted(vectors)}, this "
+                         f"{family.name} pipeline has {list(family.text_encoders)}")
+    for tokenizer_name, encoder_name in zip(family.tokenizers, family.text_encoders):
+        size, hidden = vectors[encoder_name].shape, getattr(pipe, encoder_name).config.hidden_size
+        if size != (len(names), hidden):
+            raise ValueError(f"{source}: the soft tokens of {encoder_name} have shape {tuple(size)}, expected "
+                             f"({len(names)}, {hidden})")
+        taken = vocabulary_clashes(getattr(pipe, tokenizer_name), names)
+        if taken:
+            raise ValueError(f"{source}: the tokens {taken} are already in {tokenizer_name}")
 
 
 # --------------------------------------------------------------------------- loading
 def _unload_tokens(pipe, token_names) -> None:
-    pipe.unload_textual_inversion(tokens=list(token_names))
-    # diffusers shrinks the embedding matrix but leaves the config's vocab_size behind.
-    pipe.text_encoder.config.vocab_size = pipe.text_encoder.get_input_embeddings().weight.shape[0]
+    unload_soft_tokens(pipe, token_names)  # from every tokenizer and text encoder (SDXL: both)
 
 
-def _load_lora_quietly(pipe, folder: str, adapter_name: str) -> None:
+def _load_lora_quietly(pipe, folder: str, adapter_name: str, source: str) -> None:
     # transformers logs a "LOAD REPORT" listing the base weights as missing when an adapter is
     # loaded, and diffusers warns when a component has no LoRA keys; the keys were checked above,
-    # so these messages only mislead.
+    # so these messages only mislead. An error that refers to that silenced report is raised again
+    # with its own message.
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -380,6 +450,12 @@ def _load_lora_quietly(pipe, folder: str, adapter_name: str) -> None:
     transformers_logging.disable_progress_bar()
     try:
         pipe.load_lora_weights(folder, adapter_name=adapter_name, weight_name=LORA_WEIGHT_NAME, use_safetensors=True)
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        cause = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1])
+        cause = re.sub(r"\s*For details look at the above report!?", "", cause).strip()
+        raise ValueError(f"{source}: diffusers could not load {LORA_WEIGHT_NAME} ({type(error).__name__}"
+                         f"{': ' + cause if cause else ''})") from error
     finally:
         transformers_logging.set_verbosity(levels[0])
         diffusers_logging.set_verbosity(levels[1])
@@ -420,8 +496,9 @@ def load_fair_adaptor(
         Its :class:`LoadedFairAdaptor` (also in ``fair_adaptors(pipe)``).
 
     Raises:
-        ValueError: the adaptor cannot be found, read or verified, or does not fit the pipeline;
-            nothing was changed.
+        ValueError: the adaptor cannot be found, read or verified, does not fit the pipeline, or
+            diffusers could not load it; nothing was changed. Any other error raised half-way (an
+            ``OSError``, an interrupt) propagates after the load is undone, the pipeline as before.
     """
     adaptor = resolve_adaptor(name_or_path, revision=revision, token=token)
     adapter_name = adapter_name if adapter_name is not None else _default_adapter_name(adaptor)
@@ -429,39 +506,40 @@ def load_fair_adaptor(
 
     records = _provenance(pipe)
     before = _LoraState.capture(pipe)
+    snapshot = PipelineSnapshot.capture(pipe)
     unfused = adaptor.has_lora and bool(before.merged)  # the new adapter joins the fused set: unfuse, load, fuse again
-    lora_loaded = tokens_loaded = False
     try:
         if unfused:
-            pipe.unfuse_lora(components=LORA_COMPONENTS)
+            pipe.unfuse_lora(components=_components(pipe))
         if adaptor.has_lora:
-            _load_lora_quietly(pipe, str(adaptor.folder), adapter_name)
-            lora_loaded = True
+            _load_lora_quietly(pipe, str(adaptor.folder), adapter_name, adaptor.source)
             before.restore(pipe, added=adapter_name, weight=float(weight))
         if adaptor.has_soft_tokens:
-            pipe.load_textual_inversion(str(adaptor.folder), weight_name=SOFT_TOKENS_NAME, use_safetensors=True)
-            tokens_loaded = True
+            if family_of(pipe) is SDXL:  # one vector set per text encoder, as diffusers loads SDXL textual inversions
+                load_soft_tokens(pipe, adaptor.soft_tokens_by_encoder(), adaptor.metadata.soft_token)
+            else:
+                pipe.load_textual_inversion(str(adaptor.folder), weight_name=SOFT_TOKENS_NAME, use_safetensors=True)
         if unfused:
             before.fuse(pipe, added=adapter_name)
         elif fuse and not before.merged and _all_adapter_names(pipe):
-            pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0)
+            pipe.fuse_lora(components=_components(pipe), lora_scale=1.0)
     except BaseException:
-        if tokens_loaded:
-            _unload_tokens(pipe, adaptor.metadata.token_names)
-        if adaptor.has_lora or fuse:
-            if any(layer.merged for _, _, layer in _lora_layers(pipe)):
-                pipe.unfuse_lora(components=LORA_COMPONENTS)
-            if lora_loaded:
-                pipe.delete_adapters([adapter_name])
-                _drop_empty_lora_layers(pipe)
-            before.restore(pipe)
-            before.fuse(pipe)
+        # Whichever step raised (peft, diffusers, transformers, the filesystem, an interrupt), remove
+        # all the load left: a half-created adapter, added tokens, resized embeddings, frozen flags;
+        # then give the other adapters back their activity and fusing.
+        if any(layer.merged for _, _, layer in _lora_layers(pipe)):
+            pipe.unfuse_lora(components=_components(pipe))
+        snapshot.roll_back(pipe, adapter_name=adapter_name if adaptor.has_lora else None,
+                           token_names=adaptor.metadata.token_names)
+        before.restore(pipe)
+        before.fuse(pipe)
         raise
     records[adapter_name] = _Provenance(
         source=adaptor.source,
         metadata=adaptor.metadata,
         has_lora=adaptor.has_lora,
         token_names=tuple(adaptor.metadata.token_names),
+        requires_grad=None if records else snapshot.requires_grad,
     )
     setattr(pipe, _REGISTRY, records)
     return fair_adaptors(pipe)[adapter_name]
@@ -483,21 +561,33 @@ def unload_fair_adaptor(pipe, adapter_name: str | None = None) -> None:
     names = [adapter_name] if adapter_name is not None else list(records)
     adapters = _all_adapter_names(pipe)
     lora_names = [name for name in names if records[name].has_lora and name in adapters]
+    flags = next((record.requires_grad for record in records.values() if record.requires_grad is not None), None)
     before = _LoraState.capture(pipe)
     if lora_names and before.merged:
-        pipe.unfuse_lora(components=LORA_COMPONENTS)
+        pipe.unfuse_lora(components=_components(pipe))
     for name in names:
         record = records.pop(name)
         if name in lora_names:
             pipe.delete_adapters([name])
         vocab = pipe.tokenizer.get_vocab()
-        present = [token for token in record.token_names if token in vocab]
+        # Tokens another loaded adaptor names stay: they are its tokens too.
+        kept = {token for other in records.values() for token in other.token_names}
+        present = [token for token in record.token_names if token in vocab and token not in kept]
         if present:
+            embedding_flags = input_embedding_flags(pipe)
             _unload_tokens(pipe, present)
+            restore_input_embedding_flags(pipe, embedding_flags)
     if lora_names:
         _drop_empty_lora_layers(pipe)
+        for model in (getattr(pipe, component) for component in _components(pipe)):
+            unwrap_empty_layers(model)  # layers only the removed adapters had: their module trees as before
         before.restore(pipe, removed=lora_names)
         before.fuse(pipe, removed=lora_names)
+    if flags is not None and not records:
+        restore_requires_grad(pipe, flags)  # peft froze the base weights when the first adapter came
+    elif flags is not None and all(record.requires_grad is None for record in records.values()):
+        oldest = next(iter(records))
+        records[oldest] = dataclasses.replace(records[oldest], requires_grad=flags)
     setattr(pipe, _REGISTRY, records)
 
 
@@ -539,8 +629,8 @@ def register_pipeline_methods(classes=None) -> None:
     """Give diffusers' Stable Diffusion pipelines ``load_fair_adaptor``, ``unload_fair_adaptor`` and
     the read-only property ``fair_adaptors``, as diffusers' loader mixins give them ``load_lora_weights``.
 
-    ``import diffusers_fair`` calls it. By default the classes are diffusers' SD 1.x / 2.x pipelines
-    (``STABLE_DIFFUSION_PIPELINES``). A class that already has an attribute of one of these names
+    ``import diffusers_fair`` calls it. By default the classes are diffusers' SD 1.x / 2.x and SDXL
+    pipelines (``STABLE_DIFFUSION_PIPELINES``). A class that already has an attribute of one of these names
     keeps its own: nothing is ever overridden.
     """
     if classes is None:
