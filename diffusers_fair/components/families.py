@@ -112,7 +112,7 @@ def family_of(pipe) -> ModelFamily:
             has only the second encoder, is not supported).
     """
     unet = getattr(pipe, "unet", None)
-    if unet is None or unet.config.get("addition_embed_type") != "text_time":
+    if unet is None or getattr(unet.config, "addition_embed_type", None) != "text_time":
         return SD1
     missing = [part for part in (*SDXL.text_encoders, *SDXL.tokenizers) if getattr(pipe, part, None) is None]
     if missing:
