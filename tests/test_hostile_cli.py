@@ -59,6 +59,12 @@ def test_a_missing_prompt_file_is_one_line_and_exit_code_2(tmp_path):
     assert "prompt file" in done.stderr and "missing.txt does not exist" in done.stderr
 
 
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT ignored:
+    # the command under test gets the default handling, as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_ends_with_one_line_and_code_130_and_keeps_the_earlier_results(tmp_path):
     out = tmp_path / "demo-out"
     out.mkdir()
@@ -66,7 +72,7 @@ def test_sigint_ends_with_one_line_and_code_130_and_keeps_the_earlier_results(tm
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "diffusers_fair.cli", "demo", "--quick", "--overwrite",
                                 "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     try:
         assert "[1/3]" in process.stdout.readline()  # the first audit has started
         process.send_signal(signal.SIGINT)
