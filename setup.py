@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["diffusers_fair", "diffusers_fair.*"]),
-    # The toy world's shipped weights, tokenizer files and tables live inside the package.
+    # The toy world's shipped weights, tokenizer files, tables and experiment configs live inside the package.
     include_package_data=True,
     package_data={
         "diffusers_fair": [

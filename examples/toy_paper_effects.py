@@ -5,14 +5,16 @@
     python examples/toy_paper_effects.py --out /tmp/toy --quick --only gender  # a smoke run
     python examples/toy_paper_effects.py --out results/seeds --only gender-race --seeds 0 1 2
 
-Every run is the demo's procedure (``diffusers_fair.toy.demo.run_experiment``) with other targets or
-other trained weights: audit the base model on the held-out words, train on the training words,
-audit again with the adaptor loaded into a stock pipeline. The base model is audited once and
-shared by all runs. Each run writes its folder ``OUT/<name>/`` (report, plots, adaptor); the
-script then writes ``OUT/summary.md`` and ``OUT/summary.json`` with one row per run:
+Every run is a toy experiment config shipped in the package (``diffusers_fair/toy/configs/<config>.yaml``,
+linked from ``examples/configs/toy_<config>.yaml``, the ones ``diffusers-fair train`` runs) put through
+the demo's procedure (``diffusers_fair.toy.demo.run_experiment``): audit the base model on the
+held-out words, train on the training words, audit again with the adaptor loaded into a stock
+pipeline. The base model is audited once and shared by all runs. Each run writes its folder
+``OUT/<name>/`` (report, plots, adaptor); the script then writes ``OUT/summary.md`` and
+``OUT/summary.json`` with one row per run:
 
-* ``gender``, ``race``, ``gender-race``: Table 1, uniform hair length (the gender slot), uniform
-  skin tone (the race slot), and both;
+* ``gender``, ``race``, ``gender-race`` (the demo's run): Table 1, uniform hair length (the gender
+  slot), uniform skin tone (the race slot), and both;
 * ``gender-race-age``: Table 5, both uniform and hair colour (the age slot) at 75% dark / 25% grey,
   with the image-semantics weight 8 and a cosine learning-rate decay;
 * ``soft-tokens``: the gender slot with 5 soft tokens and no LoRA;
@@ -35,40 +37,20 @@ import torch
 
 from diffusers_fair._utils.plotting import pyplot
 from diffusers_fair.evaluation.metrics import bias_floor
-from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.toy.components import load_toy_components
-from diffusers_fair.toy.demo import (
-    DemoSettings,
-    ToyExperiment,
-    audit_base_model,
-    demo_experiment,
-    run_experiment,
-    uniform,
-)
+from diffusers_fair.toy.demo import DemoSettings, ToyExperiment, audit_base_model, run_experiment
+from diffusers_fair.toy.experiment import toy_config_path
 from diffusers_fair.toy.render import TRAITS
 
 
+# Each run's shipped config (diffusers_fair/toy/configs/<config>.yaml), in the order the runs go.
+RUNS = {"gender": "gender", "race": "race", "gender-race": "gender_race", "gender-race-age": "gender_race_age",
+        "soft-tokens": "soft_tokens", "unet-lora": "unet_lora"}
+
+
 def experiments() -> dict[str, ToyExperiment]:
-    return {
-        "gender": ToyExperiment("toy-gender", "Table 1: uniform hair length (gender slot)", [uniform("hair_length")]),
-        "race": ToyExperiment("toy-race", "Table 1: uniform skin tone (race slot)", [uniform("skin_tone")]),
-        "gender-race": demo_experiment(),
-        "gender-race-age": ToyExperiment(
-            "toy-gender-race-age", "Table 5: uniform hair length and skin tone, hair colour 75% dark / 25% grey",
-            [uniform("hair_length"), uniform("skin_tone"), TargetDistribution("hair_colour", {"dark": 0.75, "grey": 0.25})],
-            # Three targets at once: the paper's image-semantics weight and a decaying learning rate
-            # land the grey share nearest 0.25 (docs/RESULTS.md compares the settings).
-            trainable={"weight_loss_img": 8.0, "lr_schedule": "cosine"},
-        ),
-        "soft-tokens": ToyExperiment(
-            "toy-gender-soft-tokens", "Soft tokens only (5 tokens): uniform hair length", [uniform("hair_length")],
-            trainable={"train_text_encoder_lora": False, "num_soft_tokens": 5},
-        ),
-        "unet-lora": ToyExperiment(
-            "toy-gender-unet-lora", "U-Net LoRA instead of text-encoder LoRA: uniform hair length", [uniform("hair_length")],
-            trainable={"train_text_encoder_lora": False, "train_unet_lora": True},
-        ),
-    }
+    """Every run, read from its config."""
+    return {run: ToyExperiment.from_config(toy_config_path(config)) for run, config in RUNS.items()}
 
 
 def summary_markdown(reports: dict[str, dict]) -> str:

@@ -20,6 +20,7 @@ import diffusers_fair
 from diffusers_fair.cli import main
 from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.toy import world
+from diffusers_fair.toy.experiment import toy_config_path
 from diffusers_fair.toy.render import TRAITS
 from diffusers_fair.training.config import FairTrainingConfig
 from diffusers_fair.training.experiment import (
@@ -85,6 +86,9 @@ def test_the_example_configs_are_the_papers_and_the_toy_worlds():
     assert all(p.suffix == ".yaml" for p in CONFIGS.iterdir())
     for path in CONFIGS.iterdir():
         assert path.read_text().startswith("# "), f"{path.name} has no header comment"
+    # The toy configs ship in the package (the demo reads them); the examples link to those files.
+    for name in TOY:
+        assert (CONFIGS / f"{name}.yaml").resolve() == toy_config_path(name.removeprefix("toy_")).resolve()
 
 
 @pytest.mark.parametrize("name", PAPER + SDXL + list(TOY))

@@ -9,7 +9,8 @@ Steps, all on the toy world shipped in the package (``diffusers_fair.toy``):
    the toy classifier reads from the generated faces, and the paper's bias metric.
 2. Train a text-encoder LoRA with the distributional alignment loss and adjusted direct finetuning,
    on the training words only, towards a uniform distribution of hair length (the gender slot) and
-   of skin tone (the race slot), both at once.
+   of skin tone (the race slot), both at once, as the shipped experiment config
+   ``diffusers_fair/toy/configs/gender_race.yaml`` says (:func:`demo_experiment`).
 3. Save the adaptor (``OUT/adaptor``), load it into a fresh ``FairFinetunePipeline`` (which puts
    the soft tokens of an adaptor that has them in front of every prompt) with
    :func:`~diffusers_fair.adaptors.pipeline.load_fair_adaptor` and audit the held-out words again, from the same noise.
@@ -31,15 +32,21 @@ import torch
 
 from .._utils.plotting import pyplot
 from ..adaptors.format import update_fair_adaptor_metadata
+from ..adaptors.metadata import TOY_BASE_MODEL
 from ..adaptors.pipeline import load_fair_adaptor
 from ..method.targets import TargetDistribution
 from ..training.config import FairTrainingConfig
+from ..training.experiment import TOY, read_config_file
 from . import model_path, world
 from .audit import AuditResult, audit_pipeline
+from .experiment import check_toy_targets, toy_config_path
 from .render import TRAITS
 
 
-DEBIASED = ("hair_length", "skin_tone")
+DEMO_CONFIG = "gender_race"  # the shipped config of the demo's run (diffusers_fair/toy/configs/)
+# Training fields that say where and how ``diffusers-fair train`` writes its run; the demo's procedure
+# writes into its own folder, without checkpoints or sample grids.
+RUN_FIELDS = ("base_model", "output_dir", "checkpoint_every", "sample_every")
 
 
 def _toy_default(name: str):
@@ -85,14 +92,54 @@ class ToyExperiment:
         title: the report's heading.
         targets: the target distributions (toy trait names and classes, see ``toy.render.TRAITS``).
         trainable: ``FairTrainingConfig`` fields that choose the trained weights and override the
-            toy preset, e.g. ``{"train_text_encoder_lora": False, "num_soft_tokens": 5}``. Empty: a
-            text-encoder LoRA.
+            toy preset and the demo's settings, e.g. ``{"train_text_encoder_lora": False,
+            "num_soft_tokens": 5}``. Empty: a text-encoder LoRA.
     """
 
     name: str
     title: str
     targets: list[TargetDistribution]
     trainable: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> ToyExperiment:
+        """The run a toy experiment config describes, e.g. a shipped one (``toy_config_path(name)``).
+
+        The config's ``name`` is the adaptor's name, its ``description`` the report's heading, its
+        ``targets`` the targets; its ``training`` fields become ``trainable``, except those of
+        :data:`RUN_FIELDS`, which only ``diffusers-fair train`` uses. The prompt files are not read
+        (their paths are relative to the repository, which an installed package lacks): the demo
+        trains on the toy world's training occupations and audits its held-out ones, which is what
+        the toy configs' prompt files hold.
+
+        Raises:
+            ValueError: naming the config: not a toy-world config (``components: toy``, the toy preset,
+                the toy model), no name, no targets or targets not over toy traits, or a training field
+                the toy preset refuses.
+        """
+        data = read_config_file(path)
+        training = data.get("training") or {}
+        if not isinstance(training, dict):
+            raise ValueError(f"config {path}: 'training' must be a mapping of FairTrainingConfig fields")
+        toy_model = training.get("base_model", TOY) in (TOY, TOY_BASE_MODEL)
+        if data.get("components") != TOY or data.get("preset", TOY) != TOY or not toy_model:
+            raise ValueError(f"config {path} is not a toy-world experiment: it needs 'components: toy', "
+                             "'training.base_model: toy' and the toy preset")
+        name = data.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"config {path} needs a 'name', the adaptor's name")
+        texts = data.get("targets")
+        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"config {path}: 'targets' must be a non-empty list of strings such as "
+                             "\"hair_length: short, long\"")
+        trainable = {key: value for key, value in training.items() if key not in RUN_FIELDS}
+        try:
+            targets = [TargetDistribution.parse(text) for text in texts]
+            check_toy_targets(targets)
+            FairTrainingConfig.toy(**trainable)
+        except ValueError as error:
+            raise ValueError(f"config {path}: {error}") from None
+        return cls(name=name, title=data.get("description") or name, targets=targets, trainable=trainable)
 
     @property
     def debiased(self) -> list[str]:
@@ -102,12 +149,9 @@ class ToyExperiment:
 
 
 def demo_experiment() -> ToyExperiment:
-    """The demo's run: a text-encoder LoRA towards uniform hair length and uniform skin tone."""
-    return ToyExperiment(
-        name="toy-gender-race",
-        title="Toy-world demo: debiasing hair length (gender slot) and skin tone (race slot)",
-        targets=targets(),
-    )
+    """The demo's run, as the shipped config ``gender_race`` says: a text-encoder LoRA towards
+    uniform hair length and uniform skin tone."""
+    return ToyExperiment.from_config(toy_config_path(DEMO_CONFIG))
 
 
 def load_toy_pipeline(fair: bool = False):
@@ -123,13 +167,9 @@ def load_toy_pipeline(fair: bool = False):
     return pipe
 
 
-def uniform(trait: str) -> TargetDistribution:
-    """The uniform target over a toy trait's classes."""
-    return TargetDistribution.uniform(trait, TRAITS[trait])
-
-
 def targets() -> list[TargetDistribution]:
-    return [uniform(name) for name in DEBIASED]
+    """The demo's targets (its config's)."""
+    return demo_experiment().targets
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None) -> dict:
@@ -170,6 +210,18 @@ def audit_base_model(settings: DemoSettings, components) -> AuditResult:
                           **audit_settings(settings))
 
 
+def training_config(experiment: ToyExperiment, settings: DemoSettings, output_dir: str | Path) -> FairTrainingConfig:
+    """What :func:`run_experiment` trains with: the toy preset, the demo's settings, then the
+    experiment's ``trainable`` fields; logs into ``output_dir``, without checkpoints or sample grids."""
+    run_settings = {
+        "num_iterations": settings.iterations, "images_per_prompt": settings.images_per_prompt,
+        "micro_batch_size": settings.images_per_prompt, "learning_rate": settings.learning_rate,
+        "lr_schedule": settings.lr_schedule, "lr_final_ratio": settings.lr_final_ratio, "seed": settings.seed,
+        "output_dir": str(output_dir), "checkpoint_every": 0, "sample_every": 0,
+    }
+    return FairTrainingConfig.toy(**{**run_settings, **experiment.trainable})
+
+
 def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSettings | None = None,
                    before: AuditResult | None = None) -> dict:
     """Audit, debias and re-audit the toy model as ``experiment`` says; write everything into ``out``.
@@ -184,13 +236,7 @@ def run_experiment(out: str | Path, experiment: ToyExperiment, settings: DemoSet
     out = Path(out)
     check_demo_inputs(out, settings)
     components = load_toy_components()
-    run_settings = {
-        "num_iterations": settings.iterations, "images_per_prompt": settings.images_per_prompt,
-        "micro_batch_size": settings.images_per_prompt, "learning_rate": settings.learning_rate,
-        "lr_schedule": settings.lr_schedule, "lr_final_ratio": settings.lr_final_ratio, "seed": settings.seed,
-        "output_dir": str(out / "training"), "checkpoint_every": 0, "sample_every": 0,
-    }
-    config = FairTrainingConfig.toy(**{**run_settings, **experiment.trainable})
+    config = training_config(experiment, settings, out / "training")
     held_out = world.words("occupation", "test")[: settings.num_words]
     audit = audit_settings(settings)
     started = time.time()

@@ -1,7 +1,8 @@
 """Experiment configs on the toy world: its model and components behind ``diffusers-fair train``.
 
-A config with ``components: toy`` and ``training.base_model: toy`` (the toy configs in
-``examples/configs/toy_*.yaml``) trains the model shipped in the package (:func:`~diffusers_fair.toy.model_path`)
+A config with ``components: toy`` and ``training.base_model: toy`` (the toy configs, shipped in the
+package as ``diffusers_fair/toy/configs/<name>.yaml`` (:func:`toy_config_path`) and linked from
+``examples/configs/toy_<name>.yaml``) trains the model shipped in the package (:func:`~diffusers_fair.toy.model_path`)
 with the toy world's components (:func:`~diffusers_fair.toy.components.load_toy_components`);
 ``preset: toy``, the default with ``components: toy``, fills the training fields the config leaves
 out from ``FairTrainingConfig.toy()``. Reading and running a config is
@@ -10,9 +11,30 @@ out from ``FairTrainingConfig.toy()``. Reading and running a config is
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..method.targets import TargetDistribution
 from ..training.experiment import Experiment, train_experiment
 from . import model_path
 from .render import TRAITS
+
+
+CONFIG_FOLDER = Path(__file__).parent / "configs"
+
+
+def toy_config_path(name: str) -> Path:
+    """The toy experiment config shipped in the package as ``diffusers_fair/toy/configs/<name>.yaml``.
+
+    ``name`` is e.g. ``"gender_race"`` (the demo's run); ``examples/configs/toy_<name>.yaml`` links to the file.
+
+    Raises:
+        ValueError: no shipped config has that name (the message lists the names).
+    """
+    path = CONFIG_FOLDER / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in CONFIG_FOLDER.glob("*.yaml")))
+        raise ValueError(f"no toy experiment config named {name!r}; the package ships {names}")
+    return path
 
 
 def check_toy_experiment(experiment: Experiment) -> None:
@@ -21,7 +43,12 @@ def check_toy_experiment(experiment: Experiment) -> None:
     Raises:
         ValueError: naming the attribute and the toy world's traits or classes.
     """
-    for target in experiment.targets:
+    check_toy_targets(experiment.targets)
+
+
+def check_toy_targets(targets: list[TargetDistribution]) -> None:
+    """:func:`check_toy_experiment` for a list of targets."""
+    for target in targets:
         for attribute, classes in target.classes.items():
             if attribute not in TRAITS:
                 raise ValueError(f"target attribute {attribute!r} is not a toy-world trait; the toy classifier "
