@@ -149,6 +149,33 @@ def measure_memory(fn, warm_up) -> float:
     return in_child(run)["peak_mb"]
 
 
+def iteration_in_child(build, iterate, steps: int, threads: int, memory: bool = False) -> float:
+    """One training iteration of ``steps`` sampling steps in a forked child, after a one-step warm-up.
+
+    ``build()`` makes the models in the child, ``iterate(models, steps)`` runs an iteration. Returns
+    its wall seconds with the allocator as it comes, or (``memory=True``) its peak resident memory
+    growth in MiB with an allocator that returns freed memory at once (which slows allocation, hence
+    one child per figure).
+    """
+    def run():
+        torch.set_num_threads(threads)
+        if memory:
+            pin_mmap_threshold()
+        models = build()
+        iterate(models, 1)
+        if memory:
+            with open("/proc/self/statm") as f:
+                rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            iterate(models, steps)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+            return {"value": (peak - rss_before) / 2**20}
+        start = time.perf_counter()
+        iterate(models, steps)
+        return {"value": time.perf_counter() - start}
+
+    return in_child(run)["value"]
+
+
 def pin_mmap_threshold() -> None:
     """Make glibc serve allocations of 4 KiB and more with mmap (returned to the system on free) and
     trim the heap on every free, so that resident memory follows live memory."""

@@ -26,12 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import time
 
 import torch
-from bench_dft import in_child, pin_mmap_threshold
+from bench_dft import iteration_in_child
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -151,34 +148,13 @@ def iteration(models, scheme: str, steps: int, args) -> None:
             raise RuntimeError(f"{scheme}: the LoRA weights of a text encoder got no finite gradient")
 
 
-def measure_time(scheme: str, args) -> float:
-    """Wall seconds of one iteration, after a one-step warm-up, with the allocator as it comes."""
-    def run():
-        torch.set_num_threads(args.threads)
-        models = build(args)
-        iteration(models, scheme, 1, args)
-        start = time.perf_counter()
-        iteration(models, scheme, args.steps, args)
-        return {"seconds": time.perf_counter() - start}
+def measure(scheme: str, args, memory: bool = False) -> float:
+    """One iteration's wall seconds, or (``memory=True``) its peak resident memory growth in MiB, each in
+    a child process of its own (``bench_dft.iteration_in_child``)."""
+    def iterate(models, steps):
+        iteration(models, scheme, steps, args)
 
-    return in_child(run)["seconds"]
-
-
-def measure_memory(scheme: str, args) -> float:
-    """Peak resident memory growth (MiB) of one iteration, after a one-step warm-up (a separate process
-    whose allocator returns freed memory at once)."""
-    def run():
-        torch.set_num_threads(args.threads)
-        pin_mmap_threshold()
-        models = build(args)
-        iteration(models, scheme, 1, args)
-        with open("/proc/self/statm") as f:
-            rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        iteration(models, scheme, args.steps, args)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-        return {"peak_mb": (peak - rss_before) / 2**20}
-
-    return in_child(run)["peak_mb"]
+    return iteration_in_child(lambda: build(args), iterate, args.steps, args.threads, memory=memory)
 
 
 def main(argv=None) -> dict:
@@ -202,10 +178,10 @@ def main(argv=None) -> dict:
           f"{args.guidance}, bfloat16 frozen weights, {args.threads} threads", flush=True)
     results = {}
     for scheme in schemes:
-        results[scheme] = {"seconds": measure_time(scheme, args)}
+        results[scheme] = {"seconds": measure(scheme, args)}
         print(f"{scheme:>8}: {results[scheme]['seconds']:7.1f} s per iteration", flush=True)
         if not args.no_memory:
-            results[scheme]["peak_mb"] = measure_memory(scheme, args)
+            results[scheme]["peak_mb"] = measure(scheme, args, memory=True)
             print(f"{scheme:>8}: peak memory growth {results[scheme]['peak_mb']:8.0f} MiB", flush=True)
     record = {"settings": vars(args), "results": results}
     if len(results) == 2:
