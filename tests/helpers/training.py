@@ -6,21 +6,14 @@ whole image as the face, and random-feature embedders.
 """
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from torch import nn
 
-from diffusers_fair.components.base import (
-    AttributeClassifier,
-    FaceDetection,
-    FaceDetector,
-    FaceEmbedder,
-    ImageEmbedder,
-)
+from diffusers_fair.components.base import FaceDetection, FaceDetector
 from diffusers_fair.method.targets import TargetDistribution
+from diffusers_fair.testing import TinyAttributeClassifier, TinyComponents, TinyFaceEmbedder, TinyImageEmbedder
 from diffusers_fair.toy import architecture, world
 from diffusers_fair.toy.tokenizer import build_tokenizer
 from diffusers_fair.training.config import FairTrainingConfig
@@ -55,18 +48,15 @@ def tiny_training_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                                    image_encoder=None, requires_safety_checker=False)
 
 
-class TinyClassifier(AttributeClassifier):
+class TinyClassifier(TinyAttributeClassifier):
+    """The public tiny classifier over gender, race and age, able to return NaN logits."""
+
     def __init__(self, input_size: int = 8):
-        super().__init__()
-        self.attributes = {a: list(c) for a, c in ATTRIBUTES.items()}
-        self.input_size = input_size
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.heads = nn.ModuleDict({a: nn.Linear(8, len(c)) for a, c in ATTRIBUTES.items()})
+        super().__init__(ATTRIBUTES, input_size)
         self.poison = False  # return NaN logits (tests of the NaN handling)
 
     def forward(self, faces):
-        features = torch.tanh(self.conv(faces * 2 - 1)).mean(dim=(2, 3))
-        logits = {a: 3 * head(features) for a, head in self.heads.items()}
+        logits = super().forward(faces)
         return {a: l * float("nan") for a, l in logits.items()} if self.poison else logits
 
 
@@ -83,40 +73,22 @@ class WholeImageDetector(FaceDetector):
         return FaceDetection(boxes=boxes, found=found, scores=found.float())
 
 
-class RandomEmbedder(ImageEmbedder):
+class RandomEmbedder(TinyImageEmbedder):
+    """The public tiny image embedder, able to return NaN embeddings."""
+
     def __init__(self, dim: int = 16):
-        super().__init__()
-        self.conv = nn.Conv2d(3, dim, 4, stride=4)
+        super().__init__(dim)
         self.poison = False
 
     def forward(self, images):
-        out = torch.tanh(self.conv(images)).mean(dim=(2, 3))
+        out = super().forward(images)
         return out * float("nan") if self.poison else out
 
 
-class RandomFaceEmbedder(FaceEmbedder):
-    def __init__(self, input_size: int = 8, dim: int = 12):
-        super().__init__()
-        self.input_size = input_size
-        self.linear = nn.Linear(3 * input_size * input_size, dim)
-
-    def forward(self, faces):
-        return self.linear(faces.flatten(1))
-
-
-@dataclass
-class StubComponents:
-    classifier: AttributeClassifier
-    detector: FaceDetector
-    image_embedders: list
-    face_embedder: FaceEmbedder
-    reference_faces: torch.Tensor
-
-
-def stub_components(seed: int = 0, no_faces: bool = False) -> StubComponents:
+def stub_components(seed: int = 0, no_faces: bool = False) -> TinyComponents:
     torch.manual_seed(seed)
-    return StubComponents(TinyClassifier(), WholeImageDetector(no_faces), [RandomEmbedder(), RandomEmbedder(8)],
-                          RandomFaceEmbedder(), torch.randn(10, 12))
+    return TinyComponents(TinyClassifier(), WholeImageDetector(no_faces), [RandomEmbedder(), RandomEmbedder(8)],
+                          TinyFaceEmbedder(), torch.randn(10, 12))
 
 
 def tiny_config(tmp_path, **overrides) -> FairTrainingConfig:
