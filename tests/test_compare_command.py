@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,13 @@ def test_write_comparison_writes_json_table_and_picture(tmp_path):
     assert paths["picture"].stat().st_size > 1000
 
 
+def test_an_untargeted_attribute_without_faces_shows_a_dash(tmp_path):
+    data = comparison()
+    data["methods"]["prompt"]["bias"]["colour"] = None  # no face read for that attribute
+    table = write_comparison(data, tmp_path)["markdown"].read_text()
+    assert [line for line in table.splitlines() if line.startswith("| prompt |")][0].split(" | ")[4] == "-"
+
+
 def test_a_comparison_without_base_or_bias_is_refused(tmp_path):
     broken = comparison()
     del broken["methods"]["base"]
@@ -93,3 +101,127 @@ def test_compare_on_the_toy_world_end_to_end(tmp_path):
         assert record["changes_prompt"] == (name in ("prompt", "ethical"))
     assert written["methods"]["uce"]["iterations"] == 1
     assert (out / "comparison.md").exists() and (out / "comparison.png").exists()
+
+
+# --------------------------------------------------------------------------- Stable Diffusion, from a train config
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sd_config(tmp_path, output_dir) -> Path:
+    """An SD experiment config for the tiny pipeline: binary gender, the tiny prompts held out."""
+    from diffusers_fair.testing import BASE_MODELS, PROMPTS
+
+    (tmp_path / "train.json").write_text(json.dumps(PROMPTS[:2]))
+    (tmp_path / "held_out.txt").write_text("\n".join(PROMPTS) + "\n")
+    config = {"name": "tiny-gender", "targets": ["gender: male, female"], "prompts": str(tmp_path / "train.json"),
+              "training": {"base_model": BASE_MODELS["sd15"], "output_dir": str(output_dir), "weight_loss_face": 0},
+              "components": {"clip_model": "ViT-H-14", "classifier": {"kind": "clip"},
+                             "eval_classifier": {"kind": "clip"}},
+              "evaluation": {"prompts": str(tmp_path / "held_out.txt"), "images_per_prompt": 4}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from diffusers_fair.testing import tiny_training_run
+
+    run = tmp_path_factory.mktemp("tiny-run")
+    tiny_training_run("sd15", run)  # the adaptor in run/adaptor, where the config's output_dir puts it
+    return run
+
+
+@pytest.fixture
+def tiny_loaders(monkeypatch):
+    """The SD runner's loaders replaced by the tiny random-weight pipeline and components; returns the calls."""
+    from diffusers_fair.cli import _compare_sd
+    from diffusers_fair.components.stable_diffusion import SD15Components
+    from diffusers_fair.testing import tiny_components, tiny_pipeline
+
+    calls = []
+
+    def load_base_pipeline(model, device, dtype):
+        calls.append(model)
+        return tiny_pipeline("sd15")
+
+    def load_components(experiment, device, dtype):
+        tiny = tiny_components()
+        return SD15Components(classifier=tiny.classifier, detector=tiny.detector, clip=tiny.image_embedders[0],
+                              eval_classifier=tiny.classifier)
+
+    monkeypatch.setattr(_compare_sd, "load_base_pipeline", load_base_pipeline)
+    monkeypatch.setattr(_compare_sd, "load_components", load_components)
+    return calls
+
+
+def test_compare_on_stable_diffusion_from_a_train_config(tmp_path, tiny_run, tiny_loaders):
+    from diffusers_fair.evaluation.audit import evaluate
+    from diffusers_fair.testing import PROMPTS, tiny_components, tiny_pipeline
+
+    config = sd_config(tmp_path, tiny_run)
+    out = tmp_path / "compare"
+    assert main(["compare", "--config", str(config), "--out", str(out), "--uce-iterations", "1"]) == 0
+    written = json.loads((out / "comparison.json").read_text())
+    assert written["targeted"] == ["gender"]
+    assert list(written["methods"]) == ["base", "ours", "prompt", "ethical", "fair-diffusion", "uce", "debias-vl"]
+    for name, record in written["methods"].items():
+        assert set(record["bias"]) == {"gender"} and 0 <= record["bias"]["gender"] <= 1, name
+        assert record["changes_prompt"] == (name in ("prompt", "ethical"))
+    methods = written["methods"]
+    assert methods["ours"]["adaptor"] == str(tiny_run / "adaptor") and methods["uce"]["iterations"] == 1
+    assert methods["base"]["similarity"] == 1.0
+    assert methods["ours"]["similarity"] < 0.9999  # the adaptor changes the images
+    assert written["settings"]["held_out_prompts"] == PROMPTS and written["settings"]["images_per_prompt"] == 4
+    assert tiny_loaders == ["diffusers-fair/tiny-sd15"] * 2  # the base model, and a fresh copy for the adaptor
+    # The base model's bias is that of an audit of the stock pipeline run on its own.
+    tiny = tiny_components()
+    alone = evaluate(tiny_pipeline("sd15"), PROMPTS, tiny, images_per_prompt=4, batch_size=4, guidance_scale=7.5,
+                     num_inference_steps=25, num_samples=0, progress=False)
+    assert methods["base"]["bias"]["gender"] == pytest.approx(alone.summary()["groups"]["gender"]["bias_mean"])
+    assert (out / "comparison.md").exists() and (out / "comparison.png").exists()
+
+
+def test_compare_on_stable_diffusion_takes_overrides_and_an_adaptor(tmp_path, tiny_run, tiny_loaders):
+    config = sd_config(tmp_path, tmp_path / "elsewhere")  # no adaptor where the config trains
+    out = tmp_path / "compare"
+    assert main(["compare", "--config", str(config), "--out", str(out), "--methods", "ours", "prompt",
+                 "--adaptor", str(tiny_run / "adaptor"), "--set", "evaluation.images_per_prompt=2"]) == 0
+    written = json.loads((out / "comparison.json").read_text())
+    assert list(written["methods"]) == ["base", "ours", "prompt"]
+    assert written["settings"]["images_per_prompt"] == 2
+
+
+@pytest.mark.parametrize("case", ["no adaptor", "toy config", "train", "unknown method"])
+def test_the_stable_diffusion_path_refuses_in_one_line_before_loading(tmp_path, monkeypatch, capsys, tiny_loaders,
+                                                                      case):
+    monkeypatch.chdir(REPO)  # the toy config's paths are relative to the repository
+    config = sd_config(tmp_path, tmp_path / "untrained")
+    argv = ["compare", "--config", str(config), "--out", str(tmp_path / "out")]
+    expected = {"no adaptor": f"no adaptor at {tmp_path / 'untrained' / 'adaptor'}",
+                "toy config": "is a toy-world config", "train": "--train runs on the toy world only",
+                "unknown method": "invalid choice: 'nonsense'"}[case]
+    if case == "toy config":
+        argv[2] = str(REPO / "examples" / "configs" / "toy_gender.yaml")
+    elif case == "train":
+        argv.append("--train")
+    elif case == "unknown method":
+        argv += ["--methods", "nonsense"]
+    if case == "unknown method":
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2
+    else:
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1, err
+    assert "--train" in err or case != "no adaptor"  # the missing adaptor says training here is not offered
+    assert tiny_loaders == [] and not (tmp_path / "out").exists()
+
+
+def test_the_stable_diffusion_runner_refuses_an_unknown_method(tmp_path, tiny_run, tiny_loaders):
+    from diffusers_fair.cli._compare_sd import run_sd_comparison
+
+    with pytest.raises(ValueError, match=r"unknown methods \['nonsense'\]"):
+        run_sd_comparison(sd_config(tmp_path, tiny_run), tmp_path / "out", ["ours", "nonsense"])
+    assert tiny_loaders == [] and not (tmp_path / "out").exists()

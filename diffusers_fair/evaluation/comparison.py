@@ -73,7 +73,7 @@ def comparison_markdown(comparison: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in comparison["methods"].items():
         cells = [name, "changed" if r.get("changes_prompt") else "kept"]
-        cells += [f"{r['bias'][a]:.3f}" for a in attributes]
+        cells += ["-" if r["bias"][a] is None else f"{r['bias'][a]:.3f}" for a in attributes]  # None: no face
         cells += [f"{r['similarity']:.3f}", f"{r.get('seconds', 0.0):.0f}", f"{r.get('audit_seconds', 0.0):.0f}",
                   ", ".join(r.get("pareto", [])) or "-"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,0 +1,244 @@
+"""``diffusers-fair compare --config CONFIG``: Table 1 on Stable Diffusion, from a ``diffusers-fair train`` config.
+
+The config names everything: the base model (``training.base_model``), the targets, the training
+prompts, the components and the held-out audit (``evaluation.prompts`` and
+``evaluation.images_per_prompt``). Every method is audited with
+:func:`diffusers_fair.evaluation.audit.evaluate` on the held-out prompts from the same seeded noise,
+with the evaluation classifier (``components.eval_classifier``), and compared with the base model's
+images from that noise (CLIP-I, else DINO):
+
+| name | method | what it is given |
+|---|---|---|
+| ``base`` | ``training.base_model`` | - |
+| ``ours`` | the trained adaptor: ``--adaptor``, else ``<training.output_dir>/adaptor`` | the training prompts |
+| ``prompt`` | the prompt with the attribute (", male"), cells drawn per image at the target ratio | nothing more |
+| ``ethical`` | "if all individuals can be a {subject} irrespective of their {attributes}" | the held-out prompts |
+| ``fair-diffusion`` | semantic guidance toward "{class} person", away from the others | nothing more |
+| ``uce`` | closed-form cross-attention edit, re-balanced by generating (read with the training classifier) | the held-out or training prompts |
+| ``debias-vl`` | calibrated projection of the prompt embedding | the training prompts |
+
+The baselines keep their authors' settings (docs/BASELINES.md). Training ``ours`` here is not
+offered: run ``diffusers-fair train CONFIG`` first.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..baselines import (
+    FairDiffusionSettings,
+    UCESettings,
+    debias_vl,
+    ethical_intervention,
+    ethical_intervention_phrase,
+    fair_diffusion,
+    prompt_intervention,
+    uce_debias,
+)
+from ..evaluation.comparison import write_comparison
+
+
+METHODS = ("ours", "prompt", "ethical", "fair-diffusion", "uce", "debias-vl")
+CHANGES_PROMPT = {"prompt", "ethical"}
+# The words naming a class in a prompt; a class not listed is named by itself ("_" read as a space).
+CLASS_WORDS = {"wmelh": "white", "asian": "Asian", "black": "Black", "indian": "Indian"}
+GUIDANCE_SCALE, STEPS = 7.5, 25  # the audit's sampling, as diffusers-fair eval's for Stable Diffusion
+
+
+@dataclass
+class SDCompareSettings:
+    """What the Stable Diffusion comparison runs.
+
+    Attributes:
+        seed: the audit noise and UCE's loop noise.
+        adaptor: ``ours`` (a folder or index name); ``None``: ``<training.output_dir>/adaptor``.
+        uce_concepts: ``"held-out"`` (UCE edits the audited prompts) or ``"train"`` (the training prompts).
+        uce_iterations: UCE's re-balancing iterations at most (the authors' 30).
+        batch_size: images per pipeline call; ``None``: all of a prompt's images in one call, so the
+            per-image draws of prompt intervention and Fair Diffusion are exactly at the target ratio.
+    """
+
+    seed: int = 0
+    adaptor: str | None = None
+    uce_concepts: str = "held-out"
+    uce_iterations: int = 10
+    batch_size: int | None = None
+
+
+def class_words(attributes: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+    """Attribute -> class -> the word naming it ("male", "Asian")."""
+    return {a: {c: CLASS_WORDS.get(c, c.replace("_", " ")) for c in classes} for a, classes in attributes.items()}
+
+
+def subject_of(prompt: str) -> str:
+    """Who a prompt shows, for the ethical intervention: "a photo of the face of a baker, a person" -> "a baker"."""
+    subject = prompt.rsplit(" of ", 1)[-1].split(",", 1)[0].strip()
+    return subject or "a person"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+    """A fresh ``StableDiffusionPipeline`` of ``model`` (a Hub id or folder) on ``device``."""
+    from ..components.families import load_pipeline
+
+    return load_pipeline(model, dtype=dtype, safety_checker=None, requires_safety_checker=False).to(device)
+
+
+def load_components(experiment, device: torch.device, dtype: torch.dtype):
+    """The config's ``SD15Components`` with the evaluation classifier loaded."""
+    from ..components.stable_diffusion import load_sd15_components
+
+    return load_sd15_components(experiment.components, device=device, dtype=dtype, load_eval_classifier=True)
+
+
+def check_sd_experiment(experiment, methods: Sequence[str], settings: SDCompareSettings) -> str:
+    """Refuse what cannot run, before anything is loaded; return the adaptor that is ``ours``.
+
+    Raises:
+        ValueError: a toy-world config, no ``evaluation`` section, no evaluation classifier, no
+            CLIP or DINOv2 for the similarity, an unknown method or UCE concept set, or no adaptor.
+    """
+    from ..training.experiment import adaptor_folder
+
+    source = experiment.source
+    if experiment.toy_world:
+        raise ValueError(f"{source} is a toy-world config: run diffusers-fair compare without --config for the toy "
+                         "world's comparison")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if settings.uce_concepts not in ("held-out", "train"):
+        raise ValueError(f"uce_concepts must be 'held-out' or 'train', got {settings.uce_concepts!r}")
+    if experiment.evaluation is None:
+        raise ValueError(f"{source} has no 'evaluation' section: add {{prompts: FILE, images_per_prompt: N}}, the "
+                         "held-out prompts of the comparison")
+    if experiment.components.eval_classifier is None:
+        raise ValueError(f"{source} has no components.eval_classifier, the classifier the comparison audits with")
+    if experiment.components.clip_model is None and experiment.components.dinov2 is None:
+        raise ValueError(f"{source} names neither components.clip_model nor components.dinov2: the similarity to the "
+                         "base images needs one")
+    adaptor = settings.adaptor
+    if adaptor is None and "ours" in methods:
+        adaptor = str(adaptor_folder(experiment))
+        if not Path(adaptor).is_dir():
+            raise ValueError(f"no adaptor at {adaptor}: train it with diffusers-fair train {source}, or pass --adaptor "
+                             "(--train runs on the toy world only)")
+    return adaptor
+
+
+def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str] = METHODS,
+                      overrides: Sequence[str] = (), settings: SDCompareSettings | None = None) -> dict:
+    """Audit the base model and every method in ``methods`` on the config's held-out prompts; write the comparison.
+
+    Returns the comparison (see :mod:`diffusers_fair.evaluation.comparison`), also written as
+    ``out/comparison.json`` with ``comparison.md`` and ``comparison.png``.
+
+    Raises:
+        ValueError: a config the comparison cannot run (:func:`check_sd_experiment`) or an SDXL base
+            model, before any method is applied.
+    """
+    from ..adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
+    from ..components.base import EvalComponents
+    from ..components.families import SD1, family_of
+    from ..evaluation.audit import evaluate
+    from ..evaluation.results import read_prompts
+    from ..training.experiment import read_experiment
+
+    settings = settings or SDCompareSettings()
+    experiment = read_experiment(config, overrides)
+    adaptor = check_sd_experiment(experiment, methods, settings)
+    held_out = read_prompts(experiment.evaluation["prompts"])
+    images_per_prompt = experiment.evaluation["images_per_prompt"]
+    train_prompts = list(dict.fromkeys(p for s in experiment.prompt_sets for p in s.prompts))
+    targets = experiment.targets
+    device = _device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = experiment.config.base_model
+
+    base_pipe = load_base_pipeline(model, device, dtype)
+    if family_of(base_pipe) is not SD1:
+        raise ValueError(f"{model} is not a Stable Diffusion 1.x model: the baselines take SD 1.x pipelines")
+    components = load_components(experiment, device, dtype)
+    audit_components = components.evaluation_components()
+    embedders = {name: e for name, e in (("clip", components.clip), ("dino", components.dinov2)) if e is not None}
+    similarity_name = next(iter(embedders))
+    # UCE's loop reads shares with the classifier the finetuning is guided by; the audit uses its own.
+    loop_components = EvalComponents(classifier=components.classifier, detector=components.detector,
+                                     crop_factor=components.crop_factor)
+    attributes = {a: list(c) for t in targets for a, c in t.classes.items()}
+    words = class_words(attributes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def audit(pipe, reference):
+        started = time.time()
+        result = evaluate(pipe, held_out, audit_components, images_per_prompt=images_per_prompt, seed=settings.seed,
+                          batch_size=settings.batch_size or images_per_prompt, guidance_scale=GUIDANCE_SCALE,
+                          num_inference_steps=STEPS, reference_pipe=reference,
+                          image_embedders=embedders if reference is not None else None, num_samples=0, progress=False)
+        return result, time.time() - started
+
+    def record(result, seconds, audit_seconds, changes_prompt) -> dict:
+        summary = result.summary("model")
+        similarities = {n: s["mean"] for n, s in summary.get("similarity", {}).items()}
+        return {"bias": {a: summary["groups"][a]["bias_mean"] for a in result.attributes},
+                "shares": {a: summary["groups"][a]["freqs"] for a in result.attributes},
+                "similarity": similarities.get(similarity_name, 1.0), "similarities": similarities,
+                "no_face_share": summary["no_face_share"], "seconds": round(seconds, 1),
+                "audit_seconds": round(audit_seconds, 1), "changes_prompt": changes_prompt}
+
+    def build(name: str):
+        if name == "ours":
+            pipe = FairFinetunePipeline.from_pipe(load_base_pipeline(model, device, dtype))
+            load_fair_adaptor(pipe, adaptor)
+            return pipe, {"adaptor": adaptor}
+        if name == "prompt":
+            return prompt_intervention(base_pipe, targets, words), {}
+        if name == "ethical":
+            about = [a.replace("_", " ") for a in attributes]
+            return ethical_intervention(base_pipe, lambda p: ethical_intervention_phrase(subject_of(p), about)), {}
+        if name == "fair-diffusion":
+            concepts = {a: {c: f"{w} person" for c, w in classes.items()} for a, classes in words.items()}
+            fd = FairDiffusionSettings()
+            return fair_diffusion(base_pipe, targets, concepts, settings=fd), {"settings": asdict(fd)}
+        if name == "uce":
+            pipe = type(base_pipe).from_pipe(base_pipe, unet=copy.deepcopy(base_pipe.unet))
+            concepts = held_out if settings.uce_concepts == "held-out" else train_prompts
+            uce = UCESettings(max_iterations=settings.uce_iterations)
+            result = uce_debias(pipe, targets, concepts, words, loop_components, settings=uce, seed=settings.seed)
+            return pipe, {"settings": asdict(uce), "concepts": settings.uce_concepts, "iterations": result.iterations,
+                          "errors": result.errors}
+        pipe = debias_vl(base_pipe, train_prompts, targets, words)  # "debias-vl"
+        return pipe, {"lambda": 500.0}
+
+    print(f"auditing base on {len(held_out)} held-out prompts", flush=True)
+    base, base_seconds = audit(base_pipe, None)
+    comparison = {
+        "targeted": list(attributes),
+        "methods": {"base": record(base, 0.0, base_seconds, False)},
+        "settings": {**asdict(settings), "config": str(experiment.source), "base_model": model,
+                     "images_per_prompt": images_per_prompt, "guidance_scale": GUIDANCE_SCALE,
+                     "num_inference_steps": STEPS, "similarity": similarity_name, "held_out_prompts": held_out,
+                     "targets": [str(t) for t in targets]},
+    }
+    for name in methods:
+        print(f"applying {name}", flush=True)
+        started = time.time()
+        pipe, extra = build(name)
+        seconds = time.time() - started
+        print(f"auditing {name}", flush=True)
+        result, audit_seconds = audit(pipe, base_pipe)
+        comparison["methods"][name] = {**record(result, seconds, audit_seconds, name in CHANGES_PROMPT), **extra}
+        write_comparison(comparison, out)  # after every method, so that a stopped run keeps what it measured
+    write_comparison(comparison, out)
+    print((out / "comparison.md").read_text(), flush=True)
+    return comparison
