@@ -43,9 +43,9 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
 
     from diffusers_fair import toy
+    from diffusers_fair._utils.io import read_prompts
     from diffusers_fair.evaluation.audit import evaluate
     from diffusers_fair.evaluation.report import write_report
-    from diffusers_fair.evaluation.results import read_prompts
     from diffusers_fair.toy.components import load_toy_components
 
     pipe = StableDiffusionPipeline.from_pretrained(toy.model_path())

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from diffusers_fair._utils.io import read_prompts
 from diffusers_fair.evaluation.audit import (
     clip_text_embedder,
     evaluate,
@@ -34,12 +35,7 @@ from diffusers_fair.evaluation.metrics import (
     joint_counts,
 )
 from diffusers_fair.evaluation.report import short_labels, write_report
-from diffusers_fair.evaluation.results import (
-    EvalResult,
-    ImageReadout,
-    PromptResult,
-    read_prompts,
-)
+from diffusers_fair.evaluation.results import EvalResult, ImageReadout, PromptResult
 
 
 REPO = Path(__file__).resolve().parent.parent

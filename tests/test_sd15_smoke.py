@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, PNDMScheduler
 from diffusers.models.autoencoders.vae import DecoderOutput
 from safetensors.torch import save_file
 
+from diffusers_fair._utils.io import read_prompts
 from diffusers_fair.adaptors.format import read_fair_adaptor
 from diffusers_fair.adaptors.pipeline import load_fair_adaptor
 from diffusers_fair.cli import main
@@ -51,7 +52,6 @@ from diffusers_fair.components.stable_diffusion import (
     SD15ComponentSettings,
     load_sd15_components,
 )
-from diffusers_fair.evaluation.results import read_prompts
 from diffusers_fair.method.targets import TargetDistribution
 from diffusers_fair.training.experiment import (
     adaptor_folder,

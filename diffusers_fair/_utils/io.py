@@ -111,3 +111,25 @@ def _unreadable(path, what: str, error: Exception) -> ValueError:
         return ValueError(f"{what} is a PyTorch pickle, not a safetensors file; pickles are never loaded "
                           "(save the tensors with safetensors.torch.save_file)")
     return ValueError(f"{what} is not a readable safetensors file (truncated or corrupt: {error})")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file: one per line; blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        ValueError: naming the file: missing, a folder, unreadable, not UTF-8 text, or without prompts.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"prompt file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {path} is not UTF-8 text") from None
+    except OSError as error:
+        raise ValueError(f"prompt file {path} cannot be read: {error.strerror or error}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+

@@ -146,11 +146,11 @@ def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str
         ValueError: a config the comparison cannot run (:func:`check_sd_experiment`) or an SDXL base
             model, before any method is applied.
     """
+    from .._utils.io import read_prompts
     from ..adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
     from ..components.base import EvalComponents
     from ..components.families import SD1, family_of
     from ..evaluation.audit import evaluate
-    from ..evaluation.results import read_prompts
     from ..training.experiment import read_experiment
 
     settings = settings or SDCompareSettings()

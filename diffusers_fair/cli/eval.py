@@ -138,11 +138,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import toy
+    from .._utils.io import read_prompts
     from ..adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
     from ..components.families import SD1, family_of, load_pipeline
     from ..evaluation.audit import evaluate
     from ..evaluation.report import write_report
-    from ..evaluation.results import read_prompts
 
     prompts = read_prompts(args.prompts)
     check_output_folder(args.out, "--out")

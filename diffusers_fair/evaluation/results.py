@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -183,24 +182,3 @@ class EvalResult:
             out["metrics"]["reference"] = self.metrics("reference")
             out["prompts"]["reference"] = self.prompt_metrics("reference")
         return out
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file: one per line; blank lines and lines starting with ``#`` are skipped.
-
-    Raises:
-        ValueError: naming the file: missing, a folder, unreadable, not UTF-8 text, or without prompts.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"prompt file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"prompt file {path} is not UTF-8 text") from None
-    except OSError as error:
-        raise ValueError(f"prompt file {path} cannot be read: {error.strerror or error}") from None
-    lines = [line.strip() for line in text.splitlines()]
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._utils.io import read_json
+from .._utils.io import read_json, read_prompts
 from ..method.targets import TargetDistribution
 
 
@@ -107,7 +107,7 @@ def _prompt_set_entry(item, index: int, folder: Path) -> PromptSet:
         if not isinstance(item["file"], str) or not item["file"]:
             raise ValueError(f"'file' must be a file name, got {item['file']!r}")
         prompt_file = folder / item["file"]
-        prompts = _read_prompt_file(prompt_file)
+        prompts = read_prompts(prompt_file)
         name = item.get("name", prompt_file.stem)
     else:
         prompts = item["prompts"]
@@ -117,26 +117,6 @@ def _prompt_set_entry(item, index: int, folder: Path) -> PromptSet:
             raise ValueError("'targets' must be a list of strings such as \"gender: male, female\"")
         targets = [TargetDistribution.parse(t) for t in targets]
     return PromptSet(prompts=prompts, weight=item.get("weight", 1.0), targets=targets, name=str(name))
-
-
-def _read_prompt_file(path: str | Path) -> list[str]:
-    """Prompts from a text file: one per line; blank lines and lines starting with ``#`` are skipped.
-
-    Raises:
-        ValueError: naming the file when it is missing, unreadable or holds no prompts.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"prompt file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"prompt file {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [line for line in prompts if line and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
 
 
 def resolve_prompt_sets(prompts, targets) -> list[PromptSet]:
