@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusers_fair.toy.compare import METHODS, CompareSettings, run_comparison
+from diffusers_fair.evaluation.comparison import METHODS
+from diffusers_fair.toy.compare import CompareSettings, run_comparison
 
 
 def summary(comparisons: dict[int, dict]) -> str:

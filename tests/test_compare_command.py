@@ -70,10 +70,11 @@ def test_a_comparison_without_base_or_bias_is_refused(tmp_path):
 
 
 def test_the_command_parses_and_knows_every_method():
-    from diffusers_fair.cli import compare
-    from diffusers_fair.toy.compare import METHODS
+    from diffusers_fair.evaluation.comparison import METHODS
 
-    assert tuple(compare.METHODS) == METHODS
+    assert build_parser().parse_args(["compare", "--out", "x", "--methods", *METHODS]).methods == list(METHODS)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--out", "x", "--methods", "iti-gen"])
     args = build_parser().parse_args(["compare", "--out", "x", "--methods", "prompt", "uce", "--train"])
     assert (args.methods, args.train, args.uce_concepts, args.uce_iterations) == (["prompt", "uce"], True, "held-out", 10)
     with pytest.raises(SystemExit):

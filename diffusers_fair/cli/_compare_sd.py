@@ -41,11 +41,9 @@ from ..baselines import (
     prompt_intervention,
     uce_debias,
 )
-from ..evaluation.comparison import write_comparison
+from ..evaluation.comparison import CHANGES_PROMPT, METHODS, write_comparison
 
 
-METHODS = ("ours", "prompt", "ethical", "fair-diffusion", "uce", "debias-vl")
-CHANGES_PROMPT = {"prompt", "ethical"}
 # The words naming a class in a prompt; a class not listed is named by itself ("_" read as a space).
 CLASS_WORDS = {"wmelh": "white", "asian": "Asian", "black": "Black", "indian": "Indian"}
 GUIDANCE_SCALE, STEPS = 7.5, 25  # the audit's sampling, as diffusers-fair eval's for Stable Diffusion

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..evaluation.comparison import METHODS
+
 
 NAME = "compare"
 HELP = "audit the base model, the fair adaptor and the published debiasing alternatives on the same prompts"
-METHODS = ("ours", "prompt", "ethical", "fair-diffusion", "uce", "debias-vl")  # diffusers_fair.toy.compare.METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,6 +27,11 @@ from pathlib import Path
 from .._utils.plotting import pyplot
 
 
+# The methods a comparison can hold besides the base model (docs/BASELINES.md), and those that rewrite the prompt.
+METHODS = ("ours", "prompt", "ethical", "fair-diffusion", "uce", "debias-vl")
+CHANGES_PROMPT = frozenset({"prompt", "ethical"})
+
+
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     """The names whose ``(bias, similarity)`` no other point dominates (lower bias is better, higher similarity)."""
     front = []

@@ -40,15 +40,13 @@ from ..baselines import (
     prompt_intervention,
     uce_debias,
 )
-from ..evaluation.comparison import write_comparison
+from ..evaluation.comparison import CHANGES_PROMPT, METHODS, write_comparison
 from . import world
 from .audit import AuditResult, audit_pipeline
 from .demo import DemoSettings, audit_settings, demo_experiment, image_similarity, load_toy_pipeline
 from .render import TRAITS
 
 
-METHODS = ("ours", "prompt", "ethical", "fair-diffusion", "uce", "debias-vl")
-CHANGES_PROMPT = {"prompt", "ethical"}
 TEMPLATE = "{prompt} with {attributes}"  # "... a person with long hair and deep skin"
 TRAIT_WORDS = {"hair_length": "hair length", "skin_tone": "skin tone", "hair_colour": "hair colour"}
 AUTHORS_STEPS = 50  # Fair Diffusion's warm-up of 5 steps is counted out of 50
