@@ -41,7 +41,8 @@ from ..baselines import (
     prompt_intervention,
     uce_debias,
 )
-from ..evaluation.comparison import CHANGES_PROMPT, METHODS, write_comparison
+from ..baselines.debias_vl import DEFAULT_LAMBDA
+from ..evaluation.comparison import CHANGES_PROMPT, METHODS, check_methods, write_comparison
 
 
 # The words naming a class in a prompt; a class not listed is named by itself ("_" read as a space).
@@ -111,11 +112,7 @@ def check_sd_experiment(experiment, methods: Sequence[str], settings: SDCompareS
     if experiment.toy_world:
         raise ValueError(f"{source} is a toy-world config: run diffusers-fair compare without --config for the toy "
                          "world's comparison")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    if settings.uce_concepts not in ("held-out", "train"):
-        raise ValueError(f"uce_concepts must be 'held-out' or 'train', got {settings.uce_concepts!r}")
+    check_methods(methods, settings.uce_concepts)
     if experiment.evaluation is None:
         raise ValueError(f"{source} has no 'evaluation' section: add {{prompts: FILE, images_per_prompt: N}}, the "
                          "held-out prompts of the comparison")
@@ -216,7 +213,7 @@ def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str
             return pipe, {"settings": asdict(uce), "concepts": settings.uce_concepts, "iterations": result.iterations,
                           "errors": result.errors}
         pipe = debias_vl(base_pipe, train_prompts, targets, words)  # "debias-vl"
-        return pipe, {"lambda": 500.0}
+        return pipe, {"lambda": DEFAULT_LAMBDA}
 
     print(f"auditing base on {len(held_out)} held-out prompts", flush=True)
     base, base_seconds = audit(base_pipe, None)
@@ -228,6 +225,7 @@ def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str
                      "num_inference_steps": STEPS, "similarity": similarity_name, "held_out_prompts": held_out,
                      "targets": [str(t) for t in targets]},
     }
+    write_comparison(comparison, out)  # and after every method, so that a stopped run keeps what it measured
     for name in methods:
         print(f"applying {name}", flush=True)
         started = time.time()
@@ -236,7 +234,6 @@ def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str
         print(f"auditing {name}", flush=True)
         result, audit_seconds = audit(pipe, base_pipe)
         comparison["methods"][name] = {**record(result, seconds, audit_seconds, name in CHANGES_PROMPT), **extra}
-        write_comparison(comparison, out)  # after every method, so that a stopped run keeps what it measured
-    write_comparison(comparison, out)
+        write_comparison(comparison, out)
     print((out / "comparison.md").read_text(), flush=True)
     return comparison

@@ -43,6 +43,15 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     return front
 
 
+def check_methods(methods, uce_concepts: str) -> None:
+    """Raise a ValueError for a method not in :data:`METHODS` or UCE concepts other than held-out or train."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if uce_concepts not in ("held-out", "train"):
+        raise ValueError(f"uce_concepts must be 'held-out' or 'train', got {uce_concepts!r}")
+
+
 def check_comparison(comparison: dict) -> None:
     """Raise a ValueError naming what is missing from a comparison dict (see the module doc)."""
     if not comparison.get("targeted"):

@@ -40,7 +40,8 @@ from ..baselines import (
     prompt_intervention,
     uce_debias,
 )
-from ..evaluation.comparison import CHANGES_PROMPT, METHODS, write_comparison
+from ..baselines.debias_vl import DEFAULT_LAMBDA
+from ..evaluation.comparison import CHANGES_PROMPT, METHODS, check_methods, write_comparison
 from . import world
 from .audit import AuditResult, audit_pipeline
 from .demo import DemoSettings, audit_settings, demo_experiment, image_similarity, load_toy_pipeline
@@ -75,7 +76,7 @@ class CompareSettings:
     train: bool = False
     uce_concepts: str = "held-out"
     uce_iterations: int = 10
-    debias_vl_lambda: float = 500.0
+    debias_vl_lambda: float = DEFAULT_LAMBDA
     threads: int = 1
 
 
@@ -162,11 +163,7 @@ def run_comparison(out: str | Path, methods=METHODS, settings: CompareSettings |
     from .components import load_toy_components
 
     settings = settings or CompareSettings()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    if settings.uce_concepts not in ("held-out", "train"):
-        raise ValueError(f"uce_concepts must be 'held-out' or 'train', got {settings.uce_concepts!r}")
+    check_methods(methods, settings.uce_concepts)
     if settings.images_per_word < 1 or not 1 <= settings.num_words <= len(world.words("occupation", "test")):
         raise ValueError("images_per_word must be positive and num_words between 1 and the 20 held-out words")
     torch.set_num_threads(settings.threads)
@@ -191,6 +188,7 @@ def run_comparison(out: str | Path, methods=METHODS, settings: CompareSettings |
         "settings": {**asdict(settings), **sampling, "held_out_words": [w.name for w in held_out],
                      "targets": [str(t) for t in demo_experiment().targets]},
     }
+    write_comparison(comparison, out)  # and after every method, so that a stopped run keeps what it measured
     for name in methods:
         print(f"applying {name}", flush=True)
         started = time.time()
@@ -200,7 +198,6 @@ def run_comparison(out: str | Path, methods=METHODS, settings: CompareSettings |
         result, audit_seconds = audit(pipe)
         comparison["methods"][name] = {**record(result, base, components, seconds, audit_seconds),
                                        "changes_prompt": name in CHANGES_PROMPT, **extra}
-        write_comparison(comparison, out)  # after every method, so that a stopped run keeps what it measured
-    write_comparison(comparison, out)
+        write_comparison(comparison, out)
     print((out / "comparison.md").read_text(), flush=True)
     return comparison
