@@ -122,7 +122,7 @@ def test_soft_tokens_go_into_the_prompt_only_and_the_frozen_model_has_no_adapter
                 p.normal_()
         cond, neg = trainer._embeddings("a photo of the face of a doctor", 1)
         with trainer._frozen_model():
-            frozen = trainer._encode("a photo of the face of a doctor", 1)
+            frozen = trainer._encode("a photo of the face of a doctor", 1).prompt_embeds
         ids = twin.tokenizer(["a photo of the face of a doctor"], padding="max_length",
                              max_length=twin.tokenizer.model_max_length, return_tensors="pt").input_ids
         torch.testing.assert_close(frozen, twin.text_encoder(ids)[0])

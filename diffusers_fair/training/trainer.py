@@ -303,12 +303,7 @@ class DistributionalAlignmentTrainer:
         return bank
 
     # ------------------------------------------------------------------ model helpers
-    def _encode(self, text: str, batch: int, length: int | None = None, negative: bool = False) -> torch.Tensor:
-        """``text``'s embeddings (the U-Net's ``encoder_hidden_states``), repeated ``batch`` times."""
-        return self._encode_conditioning(text, batch, length, negative).prompt_embeds
-
-    def _encode_conditioning(self, text: str, batch: int, length: int | None = None,
-                             negative: bool = False) -> Conditioning:
+    def _encode(self, text: str, batch: int, length: int | None = None, negative: bool = False) -> Conditioning:
         """``text``'s conditioning of the U-Net, repeated ``batch`` times (``families.encode_prompt``).
 
         ``length=None``: padded to the tokenizer's maximum length without an attention mask, as
@@ -343,8 +338,8 @@ class DistributionalAlignmentTrainer:
         length = None
         if self.config.prompt_padding == "natural":
             length = max(self._natural_length(text) for text in texts)
-        cond = self._encode_conditioning(texts[0], batch, length)
-        return cond, (self._encode_conditioning(texts[1], batch, length, negative=True) if guided else None)
+        cond = self._encode(texts[0], batch, length)
+        return cond, (self._encode(texts[1], batch, length, negative=True) if guided else None)
 
     @staticmethod
     def _sampler_kwargs(cond: Conditioning, neg: Conditioning | None) -> dict:
