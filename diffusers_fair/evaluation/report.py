@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from .._utils.io import replace_atomically
 from .._utils.plotting import pyplot
 from .results import EvalResult
 
@@ -239,7 +240,5 @@ def write_report(result: EvalResult, out_dir: str | Path, *, plots: bool = True)
         paths.update({f"grid {i}": p for i, p in enumerate(grids)})
     # Each file under a temporary name, then renamed: a report interrupted half-way is absent, not partial.
     for key, text in (("results", json.dumps(result.to_dict(), indent=1) + "\n"), ("report", markdown(result, figures))):
-        partial = paths[key].with_name(paths[key].name + ".tmp")
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, paths[key])
+        replace_atomically(paths[key], lambda temporary, text=text: temporary.write_text(text, encoding="utf-8"))
     return paths
