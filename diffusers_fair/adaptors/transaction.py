@@ -22,16 +22,23 @@ from dataclasses import dataclass
 
 import torch
 
+from ..components.families import family_of
 
-MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
-TOKENIZER_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+
 _PEFT_ATTRIBUTES = ("peft_config", "_hf_peft_config_loaded")
 _MISSING = object()
 
 
 def _models(pipe) -> dict[str, torch.nn.Module]:
-    return {name: getattr(pipe, name) for name in MODEL_COMPONENTS
+    """The pipeline's modules that may carry LoRA layers (``ModelFamily.lora_components``)."""
+    return {name: getattr(pipe, name) for name in family_of(pipe).lora_components
             if isinstance(getattr(pipe, name, None), torch.nn.Module)}
+
+
+def _tokenizer_pairs(pipe) -> list[tuple[str, str]]:
+    """``(tokenizer attribute, text encoder attribute)`` of each text encoder, in the family's order."""
+    family = family_of(pipe)
+    return list(zip(family.tokenizers, family.text_encoders))
 
 
 def requires_grad_flags(pipe) -> dict[tuple[str, str], bool]:
@@ -87,7 +94,7 @@ def unwrap_empty_layers(model: torch.nn.Module) -> None:
 def input_embedding_flags(pipe) -> dict[str, bool]:
     """``{text encoder attribute: requires_grad of its input embedding weight}``."""
     return {name: getattr(pipe, name).get_input_embeddings().weight.requires_grad
-            for _, name in TOKENIZER_PAIRS if getattr(pipe, name, None) is not None}
+            for _, name in _tokenizer_pairs(pipe) if getattr(pipe, name, None) is not None}
 
 
 def restore_input_embedding_flags(pipe, flags: dict[str, bool]) -> None:
@@ -147,7 +154,7 @@ class PipelineSnapshot:
                 for name in _PEFT_ATTRIBUTES
             }
         vocabularies, embeddings = {}, {}
-        for tokenizer_name, encoder_name in TOKENIZER_PAIRS:
+        for tokenizer_name, encoder_name in _tokenizer_pairs(pipe):
             tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
             if tokenizer is None or encoder is None:
                 continue
@@ -173,7 +180,7 @@ class PipelineSnapshot:
                         own.pop(name, None)
                     else:
                         setattr(model, name, value)
-        for tokenizer_name, encoder_name in TOKENIZER_PAIRS:
+        for tokenizer_name, encoder_name in _tokenizer_pairs(pipe):
             if tokenizer_name not in self.vocabularies:
                 continue
             tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, encoder_name)
