@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..evaluation.comparison import METHODS
+from ._outputs import non_negative_int, positive_int
 
 
 NAME = "compare"
@@ -37,17 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adaptor", default=None, metavar="PATH_OR_NAME",
                         help="the adaptor that is 'ours', a folder or index name (default: toy-gender-race on the toy "
                              "world, <training.output_dir>/adaptor with --config)")
-    parser.add_argument("--seed", type=int, default=0, help="audit noise seed (and training seed with --train)")
-    parser.add_argument("--images-per-word", type=int, default=32,
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="audit noise seed (and training seed with --train)")
+    parser.add_argument("--images-per-word", type=positive_int, default=32,
                         help="toy world: images per held-out word (default: 32; with --config the config's "
                              "evaluation.images_per_prompt)")
-    parser.add_argument("--words", type=int, default=20, help="toy world: how many of the 20 held-out words to audit")
+    parser.add_argument("--words", type=positive_int, default=20, help="toy world: how many of the 20 held-out words to audit")
     parser.add_argument("--uce-concepts", choices=["held-out", "train"], default="held-out",
                         help="the words UCE edits (default: the audited held-out words)")
-    parser.add_argument("--uce-iterations", type=int, default=10,
+    parser.add_argument("--uce-iterations", type=non_negative_int, default=10,
                         help="UCE's re-balancing iterations at most (the authors' 30; default 10)")
-    parser.add_argument("--threads", type=int, default=1, help="toy world: torch threads")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=1, help="toy world: torch threads")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="with --config: images per pipeline call (default: all of a prompt's images in one call, "
                              "which keeps the per-image draws exactly at the target ratio)")
 
