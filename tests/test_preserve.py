@@ -11,6 +11,7 @@ from scipy.stats import binom
 from diffusers_fair.method import losses
 from diffusers_fair.method.alignment import expected_ot_targets
 from diffusers_fair.toy.demo import share_drift, write_markdown
+from diffusers_fair.training.config import FairTrainingConfig
 from diffusers_fair.training.draws import draw_iteration
 from helpers.training import GENDER, RACE, make_trainer, stub_components, tiny_config, tiny_training_pipeline
 
@@ -136,6 +137,14 @@ def test_the_gradient_reaches_only_the_finetuned_faces_logits():
 
 
 # ---------------------------------------------------------------------------- the trainer
+def test_by_default_every_untargeted_attribute_is_held(tmp_path):
+    trainer = make_trainer(tmp_path, targets=[GENDER])  # the classifier reads gender, race and age
+    assert FairTrainingConfig().preserve == ["untargeted"] == trainer.config.preserve
+    assert trainer.preserved == [["race", "age"]]
+    record = trainer.train_step()
+    assert record["preserve"] > 0 and set(record["preserve_kept"]) == {"race", "age"}
+
+
 def test_preserve_off_leaves_the_numbers_and_weight_zero_changes_nothing(tmp_path):
     off = make_trainer(tmp_path / "off", preserve=[])
     zero = make_trainer(tmp_path / "zero", preserve=["untargeted"], weight_loss_preserve=0.0)

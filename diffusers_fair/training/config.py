@@ -53,7 +53,8 @@ def _help(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclas
 
 @dataclass
 class FairTrainingConfig:
-    """All settings of a distributional-alignment finetuning run (defaults: the paper's SD 1.5 run).
+    """All settings of a distributional-alignment finetuning run (defaults: the paper's SD 1.5 run, plus
+    ``preserve``, which holds the attributes no target covers where the frozen model has them).
 
     Read each field's explanation with ``FairTrainingConfig.help()`` or in docs/TRAINING.md.
     Build the toy-world settings with :meth:`toy`, a config from a JSON or YAML file with
@@ -215,9 +216,9 @@ class FairTrainingConfig:
     )
     preserve: list[str] = _help(
         "Attributes held at the frozen model's class distribution for the same prompt while the targets are trained: "
-        "names of attributes the classifier reads that no target covers, or ['untargeted'] for every such attribute; "
-        "[] (the default, the paper's loss) holds none.",
-        factory=list,
+        "names of attributes the classifier reads that no target covers, or ['untargeted'] (the default) for every "
+        "such attribute; [] holds none (the paper's loss).",
+        factory=lambda: [PRESERVE_UNTARGETED],
     )
     preserve_mode: PreserveMode = _help(
         "How a preserved attribute is held: 'batch' aligns the finetuned batch to the class frequencies of the frozen "
