@@ -31,7 +31,6 @@ CHOICES = {
     "ot_cost": ("squared", "euclidean"),
     "faceless_image_weight": ("full", "smallest_change_factor"),
     "face_realism_images": ("kept_target", "every_face"),
-    "preserve_mode": ("batch", "image"),
     "sdxl_text_encoder_lora": ("both", "text_encoder", "text_encoder_2"),
 }
 
@@ -131,7 +130,6 @@ def test_toy_preset_and_overrides():
     ("lr_schedule", "linear", "must be one of 'constant', 'cosine'"),
     ("log_with", "mlflow", "must be one of 'auto', 'tensorboard', 'wandb', 'none'"),
     ("log_with", None, "must be one of"),
-    ("preserve_mode", "cell", "must be one of 'batch', 'image', got 'cell'"),
     # of the wrong type
     ("num_iterations", 2.5, "must be an integer, got float 2.5"),
     ("num_iterations", "100", "must be an integer, got str '100'"),

@@ -28,7 +28,7 @@ def test_batch_targets_keep_the_frozen_batchs_three_to_one():
     reference = torch.tensor([0, 0, 0, 1, 0, 0, 1, 0])
     found = torch.ones(8, dtype=torch.bool)
     for threshold in (0.5, 0.8):
-        labels, keep = losses.preserve_targets({"age": two_class(grey)}, found, {"age": reference}, mode="batch",
+        labels, keep = losses.preserve_targets({"age": two_class(grey)}, found, {"age": reference},
                                                threshold=threshold, monte_carlo_samples=10, seed=0)
         labels, keep = labels["age"], keep["age"]
         # By hand: two classes, r = (0.75, 0.25). With m ~ Binomial(8, 0.25) grey labels drawn, the optimal
@@ -45,7 +45,7 @@ def test_batch_targets_ignore_faceless_images_and_never_ask_for_an_absent_class(
     skin = torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
     reference = torch.tensor([0, 0, -1, 2, 0, -1])  # the frozen faces: 3 of class 0, 1 of class 2, 2 faceless
     found = torch.tensor([True, True, True, True, False, True])
-    labels, keep = losses.preserve_targets({"skin": skin}, found, {"skin": reference}, mode="batch",
+    labels, keep = losses.preserve_targets({"skin": skin}, found, {"skin": reference},
                                            threshold=0.5, monte_carlo_samples=10, seed=0)
     labels, keep = labels["skin"], keep["skin"]
     assert labels[4] == -1 and not keep[4]
@@ -59,20 +59,9 @@ def test_no_frozen_or_no_finetuned_face_keeps_nothing():
     probs = {"age": two_class([0.2, 0.9])}
     for found, reference in ((torch.tensor([True, True]), torch.tensor([-1, -1])),
                              (torch.tensor([False, False]), torch.tensor([0, 1]))):
-        labels, keep = losses.preserve_targets(probs, found, {"age": reference}, mode="batch", threshold=0.5,
+        labels, keep = losses.preserve_targets(probs, found, {"age": reference}, threshold=0.5,
                                                monte_carlo_samples=10, seed=0)
         assert labels["age"].tolist() == [-1, -1] and not keep["age"].any()
-
-
-def test_image_targets_are_the_frozen_faces_classes():
-    reference = torch.tensor([1, 0, -1, 1])
-    found = torch.tensor([True, True, True, False])
-    labels, keep = losses.preserve_targets({"age": two_class([0.1, 0.9, 0.5, 0.5])}, found, {"age": reference},
-                                           mode="image", threshold=0.99, monte_carlo_samples=10, seed=0)
-    assert labels["age"].tolist() == [1, 0, -1, -1]
-    assert keep["age"].tolist() == [True, True, False, False]
-    with pytest.raises(ValueError, match="mode must be one of"):
-        losses.preserve_targets({}, found, {}, mode="cell", threshold=0.5, monte_carlo_samples=10, seed=0)
 
 
 # ---------------------------------------------------------------------------- the loss term
@@ -112,7 +101,7 @@ def test_the_gradient_reaches_only_the_finetuned_faces_logits():
     preserved = torch.randn(n, 2, requires_grad=True)
     # The targets come from probabilities that carry gradient; the targets themselves must not.
     probs = torch.softmax(preserved, dim=1)
-    labels, keep = losses.preserve_targets({"age": probs}, found, {"age": torch.tensor([0, 0, 0, 1])}, mode="batch",
+    labels, keep = losses.preserve_targets({"age": probs}, found, {"age": torch.tensor([0, 0, 0, 1])},
                                            threshold=0.5, monte_carlo_samples=10, seed=0)
     assert labels["age"].grad_fn is None and keep["age"].any()
     reference = losses.ReferenceImages(found, boxes, {"gender": torch.zeros(n, dtype=torch.long)},
@@ -192,8 +181,8 @@ def test_preserving_an_unknown_or_targeted_attribute_is_refused(tmp_path, preser
     assert all(p.requires_grad for p in pipe.unet.parameters())  # refused before the pipeline was touched
 
 
-def test_preserve_names_an_attribute_and_per_image_mode_trains(tmp_path):
-    trainer = make_trainer(tmp_path, targets=[GENDER], preserve=["age"], preserve_mode="image")
+def test_preserve_names_an_attribute_and_trains(tmp_path):
+    trainer = make_trainer(tmp_path, targets=[GENDER], preserve=["age"])
     assert trainer.preserved == [["age"]] and trainer.untargeted == [["race", "age"]]
     record = trainer.train_step()
     assert not record["skipped"] and record["preserve"] > 0 and set(record["preserve_kept"]) == {"age"}

@@ -33,11 +33,10 @@ Dynamic weights (:func:`dynamic_image_weights`, :func:`face_region_factors`)
 Preservation (:func:`preserve_targets`, :func:`preserve_per_image`)
     Moving the targeted attributes can move the others (balancing hair length turns hair grey). A
     preserved attribute is held where the frozen model has it for the same prompt, with a
-    cross-entropy toward a target class per image, like the DAL. ``"batch"``: the targets are the
-    expected optimal-transport targets toward the class frequencies of the frozen model's images of
-    the batch (the same noises), so the batch keeps the frozen model's distribution while single
-    images may swap classes. ``"image"``: the target is the class of the frozen model's face from
-    the same noise.
+    cross-entropy toward a target class per image, like the DAL: the targets are the expected
+    optimal-transport targets toward the class frequencies of the frozen model's images of the
+    batch (the same noises), so the batch keeps the frozen model's distribution while single images
+    may swap classes.
 
 The total (:func:`combined_loss`) is a mean over the images of the batch::
 
@@ -74,7 +73,6 @@ from .targets import TargetDistribution
 __all__ = [
     "FACELESS_IMAGE_WEIGHTS",
     "FACE_REALISM_IMAGES",
-    "PRESERVE_MODES",
     "BatchLoss",
     "LossWeights",
     "ReferenceImages",
@@ -104,9 +102,6 @@ FACELESS_IMAGE_WEIGHTS = ("full", "smallest_change_factor")
 
 # The images the face-realism loss applies to (see "Face realism" above).
 FACE_REALISM_IMAGES = ("kept_target", "every_face")
-
-# How a preserved attribute is held (see "Preservation" above).
-PRESERVE_MODES = ("batch", "image")
 
 
 # ---------------------------------------------------------------------------- similarity losses
@@ -434,13 +429,16 @@ def preserve_targets(
     found: torch.Tensor,
     reference_classes: Mapping[str, torch.Tensor],
     *,
-    mode: str,
     threshold: float,
     monte_carlo_samples: int,
     seed: int,
     cost: str = "squared",
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Targets that hold each preserved attribute where the frozen model has it, for a whole batch.
+    """Targets that hold each preserved attribute where the frozen model has it, for a whole batch: the
+    expected optimal-transport targets (:func:`~.alignment.dynamic_targets`) of the finetuned faces
+    toward the class frequencies of the frozen model's faces. The target distribution of a batch
+    whose frozen classes are 3:1 is 3:1; an image keeps its target when its confidence is at least
+    ``threshold``.
 
     Args:
         probs: attribute -> ``(N, K)`` class probabilities of the finetuned model's faces (rows of
@@ -448,32 +446,18 @@ def preserve_targets(
         found: ``(N,)`` bool, the finetuned model's images with a face.
         reference_classes: attribute -> ``(N,)`` class of the frozen model's face from the same noise
             (-1 where it has none).
-        mode: ``"batch"``: the expected optimal-transport targets (:func:`~.alignment.dynamic_targets`)
-            of the finetuned faces toward the class frequencies of the frozen model's faces, the
-            target distribution of a batch whose frozen classes are 3:1 being 3:1; an image keeps its
-            target when its confidence is at least ``threshold``. ``"image"``: the target of image
-            ``i`` is the frozen model's class of image ``i``, kept where both images have a face.
-        threshold, monte_carlo_samples, cost: as in :func:`batch_dynamic_targets` (``"batch"`` only).
+        threshold, monte_carlo_samples, cost: as in :func:`batch_dynamic_targets`.
         seed: seeds the Monte Carlo draws (the ``j``-th attribute uses ``seed + j``).
 
     Returns:
         ``(labels, keep)``: attribute -> ``(N,)`` target class (-1 where none), attribute -> ``(N,)``
         bool kept. Nothing is kept for an attribute when no frozen or no finetuned image has a face.
-
-    Raises:
-        ValueError: on an unknown ``mode``.
     """
-    if mode not in PRESERVE_MODES:
-        raise ValueError(f"mode must be one of {PRESERVE_MODES}, got {mode!r}")
     found = found.bool()
     labels, keep = {}, {}
     for j, (attribute, original) in enumerate(reference_classes.items()):
         device = probs[attribute].device
         original = original.to(device)
-        if mode == "image":
-            labels[attribute] = torch.where(found, original, torch.full_like(original, -1))
-            keep[attribute] = labels[attribute] >= 0
-            continue
         labels[attribute] = torch.full(found.shape, -1, dtype=torch.long, device=device)
         keep[attribute] = torch.zeros(found.shape, dtype=torch.bool, device=device)
         frozen = original[original >= 0]

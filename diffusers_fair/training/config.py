@@ -33,7 +33,6 @@ PromptPadding = Literal["max_length", "natural"]
 OTCost = Literal["squared", "euclidean"]
 FacelessImageWeight = Literal["full", "smallest_change_factor"]
 FaceRealismImages = Literal["kept_target", "every_face"]
-PreserveMode = Literal["batch", "image"]
 LRSchedule = Literal["constant", "cosine"]
 SDXLTextEncoders = Literal["both", "text_encoder", "text_encoder_2"]
 Sampler = Literal["dpmsolver++", "ddim", "euler", "pipeline"]
@@ -217,19 +216,14 @@ class FairTrainingConfig:
     preserve: list[str] = _help(
         "Attributes held at the frozen model's class distribution for the same prompt while the targets are trained: "
         "names of attributes the classifier reads that no target covers, or ['untargeted'] (the default) for every "
-        "such attribute; [] holds none (the paper's loss).",
+        "such attribute; [] holds none (the paper's loss). The finetuned batch is aligned to the class frequencies "
+        "of the frozen model's images of the same noises (expected-OT targets, as the DAL, with dal_threshold).",
         factory=lambda: [PRESERVE_UNTARGETED],
-    )
-    preserve_mode: PreserveMode = _help(
-        "How a preserved attribute is held: 'batch' aligns the finetuned batch to the class frequencies of the frozen "
-        "model's images of the same noises (expected-OT targets, as the DAL, with dal_threshold); 'image' pulls each "
-        "finetuned face toward the class of the frozen model's face from the same noise.",
-        "batch",
     )
     weight_loss_preserve: float = _help(
         "lambda_preserve: weight of the preservation loss (the cross-entropy toward each preserved attribute's "
-        "target, summed over the preserved attributes). 0.3 held the toy demo's untargeted trait in place without "
-        "giving up the targeted balance; 1.0 gave up some of it.",
+        "target, summed over the preserved attributes). On the toy demo's run 0.3 removed most of the untargeted "
+        "drift at a small cost in targeted balance; 1.0 cost more of it.",
         0.3,
     )
     face_box_scale: float | None = _help(

@@ -418,7 +418,7 @@ class DistributionalAlignmentTrainer:
         original = {a: self._gather(reference.classes[a]) for a in untargeted}
         preserve_labels, preserve_keep = losses.preserve_targets(
             {a: probs_all[a] for a in preserved}, found_all, {a: original[a] for a in preserved},
-            mode=cfg.preserve_mode, threshold=cfg.dal_threshold, monte_carlo_samples=cfg.ot_monte_carlo_samples,
+            threshold=cfg.dal_threshold, monte_carlo_samples=cfg.ot_monte_carlo_samples,
             seed=draw.ot_seed + len(prompt_set.targets), cost=cfg.ot_cost)
         classes = {a: torch.where(found_all, probs_all[a].argmax(dim=1), -1) for a in untargeted}
         sizes = {a: probs_all[a].shape[1] for a in untargeted}
