@@ -226,3 +226,23 @@ def test_the_stable_diffusion_runner_refuses_an_unknown_method(tmp_path, tiny_ru
     with pytest.raises(ValueError, match=r"unknown methods \['nonsense'\]"):
         run_sd_comparison(sd_config(tmp_path, tiny_run), tmp_path / "out", ["ours", "nonsense"])
     assert tiny_loaders == [] and not (tmp_path / "out").exists()
+
+
+def test_an_earlier_comparison_is_kept_unless_overwrite_is_given(tmp_path, capsys, tiny_run, tiny_loaders):
+    config = sd_config(tmp_path, tiny_run)
+    out = tmp_path / "compare"
+    out.mkdir()
+    (out / "comparison.json").write_text('{"earlier": true}')
+    (out / "notes.txt").write_text("mine")
+    argv = ["compare", "--config", str(config), "--out", str(out), "--methods", "prompt",
+            "--set", "evaluation.images_per_prompt=2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds the results of an earlier comparison (comparison.json)" in err and err.count("\n") == 1, err
+    assert tiny_loaders == [] and (out / "comparison.json").read_text() == '{"earlier": true}'
+
+    assert main(argv + ["--overwrite"]) == 0
+    written = json.loads((out / "comparison.json").read_text())
+    assert list(written["methods"]) == ["base", "prompt"]
+    assert not (out / "notes.txt").exists()  # the folder is replaced whole, as eval's and demo's
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".compare")] == []  # no staging left behind

@@ -10,11 +10,14 @@ import argparse
 from pathlib import Path
 
 from ..evaluation.comparison import METHODS
-from ._outputs import non_negative_int, positive_int
+from ._outputs import check_output_folder, earlier_results, non_negative_int, positive_int, staged_folder
 
 
 NAME = "compare"
 HELP = "audit the base model, the fair adaptor and the published debiasing alternatives on the same prompts"
+
+# What a comparison writes (after every method, so a stopped one leaves them too).
+RESULT_NAMES = ("comparison.json", "comparison.md", "comparison.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Stable Diffusion: an experiment config of diffusers-fair train (YAML or JSON)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="with --config: change a config value (repeatable), as diffusers-fair train --set")
-    parser.add_argument("--out", required=True, help="output folder: comparison.json, comparison.md, comparison.png")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder: comparison.json, comparison.md, comparison.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier comparison in --out: the new one is written to a "
+                             "temporary folder beside it and swapped in when complete")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="the methods besides the base model (default: all)")
     parser.add_argument("--train", action="store_true",
@@ -54,28 +61,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.config is not None:
-        return _run_sd(args)
-    if args.overrides or args.batch_size is not None:
+    if args.config is None and (args.overrides or args.batch_size is not None):
         raise ValueError("--set and --batch-size go with --config CONFIG (Stable Diffusion)")
+    if args.config is not None and args.train:
+        raise ValueError("--train runs on the toy world only: on Stable Diffusion train with diffusers-fair train "
+                         f"{args.config} first, or pass --adaptor")
+    check_output_folder(args.out, "--out")
+    earlier = earlier_results(args.out, RESULT_NAMES)
+    if earlier and not args.overwrite:
+        raise ValueError(f"--out {args.out} holds the results of an earlier comparison ({', '.join(earlier)}): pass "
+                         "--overwrite to replace them, or choose another folder")
+    compare = _run_toy if args.config is None else _run_sd
+    if args.overwrite:
+        with staged_folder(args.out) as staging:
+            compare(args, staging)
+    else:
+        compare(args, args.out)
+    return 0
+
+
+def _run_toy(args: argparse.Namespace, out: Path) -> None:
     from ..toy.compare import CompareSettings, run_comparison
 
     settings = CompareSettings(seed=args.seed, images_per_word=args.images_per_word, num_words=args.words,
                                adaptor=args.adaptor or "toy-gender-race", train=args.train, uce_concepts=args.uce_concepts,
                                uce_iterations=args.uce_iterations, threads=args.threads)
-    run_comparison(args.out, args.methods, settings)
-    return 0
+    run_comparison(out, args.methods, settings)
 
 
-def _run_sd(args: argparse.Namespace) -> int:
+def _run_sd(args: argparse.Namespace, out: Path) -> None:
     from ._compare_sd import SDCompareSettings, run_sd_comparison
 
-    if args.train:
-        raise ValueError("--train runs on the toy world only: on Stable Diffusion train with diffusers-fair train "
-                         f"{args.config} first, or pass --adaptor")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     settings = SDCompareSettings(seed=args.seed, adaptor=args.adaptor, uce_concepts=args.uce_concepts,
                                  uce_iterations=args.uce_iterations, batch_size=args.batch_size)
-    run_sd_comparison(args.config, args.out, args.methods, args.overrides, settings)
-    return 0
+    run_sd_comparison(args.config, out, args.methods, args.overrides, settings)
