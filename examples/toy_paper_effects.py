@@ -53,23 +53,32 @@ def experiments() -> dict[str, ToyExperiment]:
     return {run: ToyExperiment.from_config(toy_config_path(config)) for run, config in RUNS.items()}
 
 
+def untargeted_change(report: dict) -> float:
+    """The largest change of a class share, before → after, over the traits the run does not target (0 if none)."""
+    before, after = report["shares_before"], report["shares_after"]
+    return max((abs(after[a][c] - before[a][c]) for a in before if a not in report["debiased"] for c in before[a]),
+               default=0.0)
+
+
 def summary_markdown(reports: dict[str, dict]) -> str:
     lines = ["| run | trained | targeted | " + " | ".join(f"{a} bias before → after" for a in TRAITS)
-             + " | grey share after | similarity | minutes |",
-             "|---|---|---|" + "---|" * len(TRAITS) + "---|---|---|"]
+             + " | grey share after | largest untargeted share change | similarity | minutes |",
+             "|---|---|---|" + "---|" * len(TRAITS) + "---|---|---|---|"]
     for name, r in reports.items():
         trained = ", ".join(f"{k}={v}" for k, v in r["trainable"].items()) or "text-encoder LoRA"
         cells = [f"{r['before'][a]:.3f} → **{r['after'][a]:.3f}**" if a in r["debiased"]
                  else f"{r['before'][a]:.3f} → {r['after'][a]:.3f}" for a in TRAITS]
         lines.append(f"| {name} | {trained} | {', '.join(r['debiased'])} | " + " | ".join(cells)
-                     + f" | {r['shares_after']['hair_colour']['grey']:.3f} | {r['similarity']:.3f} | {r['minutes']} |")
+                     + f" | {r['shares_after']['hair_colour']['grey']:.3f} | {untargeted_change(r):.3f}"
+                     + f" | {r['similarity']:.3f} | {r['minutes']} |")
     return "\n".join(lines) + "\n"
 
 
 def seed_statistics(reports: dict[str, dict]) -> dict[str, dict]:
     """Mean and standard deviation over seeds, per experiment, of each targeted attribute's held-out
-    bias after / before and of the grey share after. Runs are grouped by their ``experiment`` name;
-    a single run gets a standard deviation of 0."""
+    bias after / before, of the grey share after and of the largest untargeted share change
+    (:func:`untargeted_change`), with the number of seeds where that change is at most 0.05. Runs are
+    grouped by their ``experiment`` name; a single run gets a standard deviation of 0."""
     groups: dict[str, list[dict]] = {}
     for report in reports.values():
         groups.setdefault(report["experiment"], []).append(report)
@@ -77,23 +86,29 @@ def seed_statistics(reports: dict[str, dict]) -> dict[str, dict]:
     for experiment, runs in groups.items():
         ratios = {a: [r["after"][a] / r["before"][a] for r in runs] for a in runs[0]["debiased"]}
         grey = [r["shares_after"]["hair_colour"]["grey"] for r in runs]
+        change = [untargeted_change(r) for r in runs]
         out[experiment] = {
             "seeds": [r["settings"]["seed"] for r in runs],
             "ratio_mean": {a: statistics.fmean(v) for a, v in ratios.items()},
             "ratio_std": {a: statistics.pstdev(v) for a, v in ratios.items()},
             "grey_mean": statistics.fmean(grey),
             "grey_std": statistics.pstdev(grey),
+            "untargeted_change_mean": statistics.fmean(change),
+            "untargeted_change_std": statistics.pstdev(change),
+            "untargeted_within_0.05": sum(c <= 0.05 for c in change),
         }
     return out
 
 
 def seed_markdown(reports: dict[str, dict]) -> str:
     """The table of :func:`seed_statistics`: held-out bias after / before, mean ± std over seeds."""
-    lines = ["| experiment | seeds | targeted: after / before (mean ± std) | grey share after |", "|---|---|---|---|"]
+    lines = ["| experiment | seeds | targeted: after / before (mean ± std) | grey share after "
+             "| largest untargeted share change (seeds within 0.05) |", "|---|---|---|---|---|"]
     for experiment, s in seed_statistics(reports).items():
         ratios = ", ".join(f"{a} {s['ratio_mean'][a]:.2f} ± {s['ratio_std'][a]:.2f}" for a in s["ratio_mean"])
         lines.append(f"| {experiment} | {', '.join(map(str, s['seeds']))} | {ratios} | "
-                     f"{s['grey_mean']:.2f} ± {s['grey_std']:.2f} |")
+                     f"{s['grey_mean']:.2f} ± {s['grey_std']:.2f} | {s['untargeted_change_mean']:.3f} ± "
+                     f"{s['untargeted_change_std']:.3f} ({s['untargeted_within_0.05']}/{len(s['seeds'])}) |")
     return "\n".join(lines) + "\n"
 
 

@@ -50,10 +50,13 @@ def test_seed_statistics_average_each_experiment_over_its_seeds():
     script = load("toy_paper_effects")
 
     def report(experiment, seed, after_hair, after_skin, grey):
+        targeted = {"hair_length": {"short": 0.5, "long": 0.5}, "skin_tone": {"pale": 0.5, "deep": 0.5}}
         return {"experiment": experiment, "settings": {"seed": seed}, "debiased": ["hair_length", "skin_tone"],
                 "before": {"hair_length": 0.8, "skin_tone": 0.4, "hair_colour": 0.7},
                 "after": {"hair_length": after_hair, "skin_tone": after_skin, "hair_colour": 0.5},
-                "shares_after": {"hair_colour": {"dark": 1 - grey, "grey": grey}}}
+                "shares_before": {**targeted, "hair_colour": {"dark": 0.7, "grey": 0.3}},
+                "shares_after": {"hair_length": {"short": 0.9, "long": 0.1}, "skin_tone": {"pale": 0.5, "deep": 0.5},
+                                 "hair_colour": {"dark": 1 - grey, "grey": grey}}}
 
     reports = {"gr/seed0": report("toy-gr", 0, 0.2, 0.1, 0.3), "gr/seed1": report("toy-gr", 1, 0.4, 0.2, 0.5),
                "other": report("toy-other", 0, 0.8, 0.4, 0.2)}
@@ -63,9 +66,13 @@ def test_seed_statistics_average_each_experiment_over_its_seeds():
     # Population standard deviation of (0.25, 0.5) and of (0.25, 0.5): 0.125.
     assert stats["toy-gr"]["ratio_std"] == pytest.approx({"hair_length": 0.125, "skin_tone": 0.125})
     assert stats["toy-gr"]["grey_mean"] == pytest.approx(0.4)
+    # Only hair colour is untargeted: grey 0.3 -> 0.3 and 0.3 -> 0.5 (hair length's large change is targeted).
+    assert script.untargeted_change(reports["gr/seed1"]) == pytest.approx(0.2)
+    assert stats["toy-gr"]["untargeted_change_mean"] == pytest.approx(0.1)
+    assert stats["toy-gr"]["untargeted_within_0.05"] == 1
     assert stats["toy-other"]["ratio_std"] == {"hair_length": 0.0, "skin_tone": 0.0}
     table = script.seed_markdown(reports)
-    assert "| toy-gr | 0, 1 | hair_length 0.38 ± 0.12, skin_tone 0.38 ± 0.12 | 0.40 ± 0.10 |" in table
+    assert "| toy-gr | 0, 1 | hair_length 0.38 ± 0.12, skin_tone 0.38 ± 0.12 | 0.40 ± 0.10 | 0.100 ± 0.100 (1/2) |" in table
 
 
 def test_paper_effects_pass_the_overridden_settings_to_each_run(tmp_path, monkeypatch):
