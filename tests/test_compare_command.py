@@ -156,7 +156,33 @@ def tiny_loaders(monkeypatch):
     return calls
 
 
-def test_compare_on_stable_diffusion_from_a_train_config(tmp_path, tiny_run, tiny_loaders):
+@pytest.fixture
+def pipeline_calls(monkeypatch, tiny_loaders):
+    """Every Stable Diffusion pipeline call of the SD runner as (who, prompt): "base" for the base model
+    (the first pipeline loaded), else the pipeline's class name."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusers_fair.cli import _compare_sd
+
+    loaded, calls = [], []
+    load = _compare_sd.load_base_pipeline
+    call = StableDiffusionPipeline.__call__
+
+    def load_base_pipeline(model, device, dtype):
+        loaded.append(load(model, device, dtype))
+        return loaded[-1]
+
+    def counted(self, prompt=None, *args, **kwargs):
+        who = "base" if loaded and self is loaded[0] else type(self).__name__
+        calls.append((who, prompt[0] if isinstance(prompt, list) else prompt))
+        return call(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(_compare_sd, "load_base_pipeline", load_base_pipeline)
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counted)
+    return calls
+
+
+def test_compare_on_stable_diffusion_from_a_train_config(tmp_path, tiny_run, tiny_loaders, pipeline_calls):
     from diffusers_fair.evaluation.audit import evaluate
     from diffusers_fair.testing import PROMPTS, tiny_components, tiny_pipeline
 
@@ -181,6 +207,79 @@ def test_compare_on_stable_diffusion_from_a_train_config(tmp_path, tiny_run, tin
                      num_inference_steps=25, num_samples=0, progress=False)
     assert methods["base"]["bias"]["gender"] == pytest.approx(alone.summary()["groups"]["gender"]["bias_mean"])
     assert (out / "comparison.md").exists() and (out / "comparison.png").exists()
+    # The base model drew each prompt's images once, kept for every method's audit.
+    assert sorted(p for who, p in pipeline_calls if who == "base") == sorted(PROMPTS)
+    assert len(list((out / "base_images").glob("*.safetensors"))) == len(PROMPTS)
+
+
+def test_the_stored_base_images_give_the_numbers_of_generating_them_again(tmp_path, tiny_run, tiny_loaders):
+    from diffusers_fair.adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
+    from diffusers_fair.baselines import prompt_intervention
+    from diffusers_fair.cli._compare_sd import class_words
+    from diffusers_fair.evaluation.audit import evaluate
+    from diffusers_fair.method.targets import TargetDistribution
+    from diffusers_fair.testing import PROMPTS, tiny_components, tiny_pipeline
+
+    out = tmp_path / "compare"
+    assert main(["compare", "--config", str(sd_config(tmp_path, tiny_run)), "--out", str(out),
+                 "--methods", "ours", "prompt"]) == 0
+    methods = json.loads((out / "comparison.json").read_text())["methods"]
+    # Each method audited against the stock pipeline run again on the same noise, as evaluate does it.
+    ours = FairFinetunePipeline.from_pipe(tiny_pipeline("sd15"))
+    load_fair_adaptor(ours, str(tiny_run / "adaptor"))
+    target = TargetDistribution.parse("gender: male, female")
+    prompt = prompt_intervention(tiny_pipeline("sd15"), [target], class_words({"gender": ["male", "female"]}))
+    tiny = tiny_components()
+    for name, pipe in (("ours", ours), ("prompt", prompt)):
+        expected = evaluate(pipe, PROMPTS, tiny, images_per_prompt=4, batch_size=4, guidance_scale=7.5,
+                            num_inference_steps=25, reference_pipe=tiny_pipeline("sd15"),
+                            image_embedders={"clip": tiny.image_embedders[0]}, num_samples=0, progress=False)
+        summary = expected.summary()
+        assert methods[name]["similarity"] == pytest.approx(summary["similarity"]["clip"]["mean"], rel=1e-6), name
+        assert methods[name]["bias"]["gender"] == pytest.approx(summary["groups"]["gender"]["bias_mean"]), name
+        base = expected.summary("reference")
+        assert methods["base"]["shares"]["gender"] == pytest.approx(base["groups"]["gender"]["freqs"])
+    assert methods["ours"]["similarity"] != pytest.approx(methods["prompt"]["similarity"], rel=1e-6)
+
+
+def test_a_stopped_comparison_resumes_where_it_stopped(tmp_path, monkeypatch, capsys, tiny_run, tiny_loaders,
+                                                      pipeline_calls):
+    from diffusers_fair.cli import _compare_sd
+    from diffusers_fair.testing import PROMPTS
+
+    config = sd_config(tmp_path, tiny_run)
+    argv = ["compare", "--config", str(config), "--methods", "ours", "prompt", "ethical", "debias-vl",
+            "--set", "evaluation.images_per_prompt=2"]
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "comparison.json").read_text())
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "compare"
+    with monkeypatch.context() as patch:
+        patch.setattr(_compare_sd, "ethical_intervention", stop)  # the third method
+        assert main(argv + ["--out", str(out)]) == 130
+    assert list(json.loads((out / "comparison.json").read_text())["methods"]) == ["base", "ours", "prompt"]
+    assert main(argv + ["--out", str(out), "--seed", "1"]) == 2  # other settings are refused
+    assert "holds a comparison started with other settings (seed)" in capsys.readouterr().err
+
+    pipeline_calls.clear()
+    tiny_loaders.clear()
+    assert main(argv + ["--out", str(out)]) == 0
+    assert "resuming: ours, prompt audited already" in capsys.readouterr().out
+    who = {w for w, _ in pipeline_calls}
+    assert "base" not in who and "FairFinetunePipeline" not in who and "PromptInterventionPipeline" not in who
+    assert [w for w, _ in pipeline_calls].count("EthicalInterventionPipeline") == len(PROMPTS)  # one call a prompt
+    assert tiny_loaders == ["diffusers-fair/tiny-sd15"]  # "ours" is not loaded again
+    resumed = json.loads((out / "comparison.json").read_text())
+    for comparison in (whole, resumed):
+        for record in comparison["methods"].values():
+            del record["seconds"], record["audit_seconds"]
+    assert resumed == whole
+
+    assert main(argv + ["--out", str(out)]) == 2  # a finished comparison is kept
+    assert "holds the results of an earlier comparison" in capsys.readouterr().err
 
 
 def test_compare_on_stable_diffusion_takes_overrides_and_an_adaptor(tmp_path, tiny_run, tiny_loaders):
@@ -225,6 +324,8 @@ def test_the_stable_diffusion_runner_refuses_an_unknown_method(tmp_path, tiny_ru
 
     with pytest.raises(ValueError, match=r"unknown methods \['nonsense'\]"):
         run_sd_comparison(sd_config(tmp_path, tiny_run), tmp_path / "out", ["ours", "nonsense"])
+    with pytest.raises(ValueError, match="no methods to compare with the base model"):
+        run_sd_comparison(sd_config(tmp_path, tiny_run), tmp_path / "out", [])
     assert tiny_loaders == [] and not (tmp_path / "out").exists()
 
 

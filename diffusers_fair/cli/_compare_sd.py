@@ -19,18 +19,28 @@ images from that noise (CLIP-I, else DINO):
 
 The baselines keep their authors' settings (docs/BASELINES.md). Training ``ours`` here is not
 offered: run ``diffusers-fair train CONFIG`` first.
+
+The base model's images are generated once, from the audit's noise, and kept in
+``OUT/base_images`` (one safetensors file per prompt, in the pipeline's precision): every method's
+audit compares with them (``reference_images``), and the base model's own numbers are read from them
+in the first method's audit. A stopped comparison resumes where it stopped when run again with the
+same arguments: ``OUT/audits/progress.json`` holds its settings and the numbers of the finished
+methods, which are not run again, and ``OUT/audits/<method>/prompts`` the audited prompts of the
+method it stopped in. Other settings are refused.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .._utils.io import load_safetensors, read_json, read_safetensors_header, replace_atomically
 from ..baselines import (
     FairDiffusionSettings,
     UCESettings,
@@ -48,6 +58,8 @@ from ..evaluation.comparison import CHANGES_PROMPT, METHODS, check_methods, writ
 # The words naming a class in a prompt; a class not listed is named by itself ("_" read as a space).
 CLASS_WORDS = {"wmelh": "white", "asian": "Asian", "black": "Black", "indian": "Indian"}
 GUIDANCE_SCALE, STEPS = 7.5, 25  # the audit's sampling, as diffusers-fair eval's for Stable Diffusion
+# What a comparison keeps in its output folder besides comparison.json, .md and .png.
+BASE_IMAGES, AUDITS, PROGRESS = "base_images", "audits", "progress.json"
 
 
 @dataclass
@@ -104,7 +116,7 @@ def check_sd_experiment(experiment, methods: Sequence[str], settings: SDCompareS
 
     Raises:
         ValueError: a toy-world config, no ``evaluation`` section, no evaluation classifier, no
-            CLIP or DINOv2 for the similarity, an unknown method or UCE concept set, or no adaptor.
+            CLIP or DINOv2 for the similarity, no method, an unknown method or UCE concept set, or no adaptor.
     """
     from ..training.experiment import adaptor_folder
 
@@ -113,6 +125,8 @@ def check_sd_experiment(experiment, methods: Sequence[str], settings: SDCompareS
         raise ValueError(f"{source} is a toy-world config: run diffusers-fair compare without --config for the toy "
                          "world's comparison")
     check_methods(methods, settings.uce_concepts)
+    if not methods:  # the base model's numbers are read in a method's audit
+        raise ValueError(f"no methods to compare with the base model: name one or more of {', '.join(METHODS)}")
     if experiment.evaluation is None:
         raise ValueError(f"{source} has no 'evaluation' section: add {{prompts: FILE, images_per_prompt: N}}, the "
                          "held-out prompts of the comparison")
@@ -130,22 +144,142 @@ def check_sd_experiment(experiment, methods: Sequence[str], settings: SDCompareS
     return adaptor
 
 
+# --------------------------------------------------------------------------- the base images, generated once
+def base_image_file(folder: Path, prompt: str) -> Path:
+    """Where ``prompt``'s base images are kept: named by the digest the audit's prompt cache uses."""
+    from ..evaluation.audit import PromptCache
+
+    return Path(folder) / f"{PromptCache.key(prompt)}.safetensors"
+
+
+def save_base_images(pipe, prompts: Sequence[str], folder: Path, settings: dict) -> float:
+    """Generate and keep the images of every prompt that ``folder`` lacks; return the seconds all of them took.
+
+    A prompt's images start from the audit's noise (:func:`~diffusers_fair.evaluation.audit.initial_noise`)
+    and are generated as the audit generates them, so an audit given them as ``reference_images``
+    measures what it measures with ``reference_pipe=pipe``. They are kept in the precision of the
+    VAE that decoded them (float16 on a GPU), exactly as made, under the key ``"images"``; the file's header holds the
+    prompt, ``settings`` (seed, images per prompt, batch size, sampling) and the seconds it took.
+    A file is written whole or not at all, so a stopped run leaves only finished prompts.
+
+    Raises:
+        ValueError: a file in ``folder`` made for another prompt or with other settings, or unreadable.
+    """
+    from safetensors.torch import save_file
+
+    from ..evaluation.audit import generate, initial_noise, latent_shape
+
+    settings = json.loads(json.dumps(settings))  # as it reads back from a header
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = latent_shape(pipe)
+    total = 0.0
+    progress_bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for prompt in prompts:
+            path = base_image_file(folder, prompt)
+            if path.exists():
+                header = read_safetensors_header(path, f"base images {path}")
+                if header.get("prompt") != prompt or json.loads(header.get("settings", "null")) != settings:
+                    raise ValueError(f"{path} holds base images made for another prompt or with other settings: "
+                                     "remove it, or pass --overwrite to start the comparison over")
+                total += float(header["seconds"])
+                continue
+            started = time.time()
+            noise = initial_noise(settings["seed"], prompt, settings["images_per_prompt"], shape)
+            images = generate(pipe, prompt, noise, guidance_scale=settings["guidance_scale"],
+                              num_inference_steps=settings["num_inference_steps"], batch_size=settings["batch_size"])
+            seconds = time.time() - started
+            # the VAE decodes the images: in its precision they are kept without loss
+            tensors = {"images": images.to(pipe.vae.dtype).contiguous()}
+            header = {"prompt": prompt, "settings": json.dumps(settings), "seconds": f"{seconds:.3f}"}
+            replace_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=header))
+            total += seconds
+    finally:
+        pipe.set_progress_bar_config(**progress_bar)
+    return total
+
+
+class StoredImages(Mapping):
+    """Prompt -> its ``(N, 3, H, W)`` base images, read from ``folder`` when asked (:func:`save_base_images`).
+
+    The ``reference_images`` of :func:`~diffusers_fair.evaluation.audit.evaluate`, holding one
+    prompt's images in memory at a time rather than every prompt's.
+    """
+
+    def __init__(self, folder: Path, prompts: Sequence[str]):
+        self.folder = Path(folder)
+        self.prompts = list(prompts)
+
+    def __getitem__(self, prompt: str) -> torch.Tensor:
+        if prompt not in self.prompts:
+            raise KeyError(prompt)
+        path = base_image_file(self.folder, prompt)
+        return load_safetensors(path, f"base images {path}")["images"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+# --------------------------------------------------------------------------- resuming
+def read_progress(out: Path) -> dict | None:
+    """``out/audits/progress.json``: ``{"settings": ..., "records": {method: numbers}}``, or ``None`` if absent.
+
+    Raises:
+        ValueError: the file is unreadable or not a progress file.
+    """
+    path = Path(out) / AUDITS / PROGRESS
+    if not path.exists():
+        return None
+    progress = read_json(path, "comparison progress file")
+    if not (isinstance(progress, dict) and isinstance(progress.get("settings"), dict)
+            and isinstance(progress.get("records"), dict)):
+        raise ValueError(f"{path} is not a comparison progress file: remove it, or pass --overwrite to start over")
+    return progress
+
+
+def write_progress(out: Path, settings: dict, records: dict) -> None:
+    """Replace ``out/audits/progress.json`` whole with ``settings`` and the finished methods' ``records``."""
+    path = Path(out) / AUDITS / PROGRESS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"settings": settings, "records": records}, indent=1) + "\n"
+    replace_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def interrupted_comparison(out: str | Path) -> bool:
+    """Whether ``out`` holds a comparison that stopped before every method was audited (it can be resumed)."""
+    try:
+        progress = read_progress(Path(out))
+    except ValueError:
+        return False
+    if progress is None:
+        return False
+    methods = progress["settings"].get("methods")
+    return isinstance(methods, list) and not {"base", *methods} <= set(progress["records"])
+
+
 def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str] = METHODS,
                       overrides: Sequence[str] = (), settings: SDCompareSettings | None = None) -> dict:
     """Audit the base model and every method in ``methods`` on the config's held-out prompts; write the comparison.
 
     Returns the comparison (see :mod:`diffusers_fair.evaluation.comparison`), also written as
-    ``out/comparison.json`` with ``comparison.md`` and ``comparison.png``.
+    ``out/comparison.json`` with ``comparison.md`` and ``comparison.png`` after every method. When
+    ``out`` holds a comparison started with the same settings, its finished methods and audited
+    prompts are kept and only the rest is run (see the module doc).
 
     Raises:
-        ValueError: a config the comparison cannot run (:func:`check_sd_experiment`) or an SDXL base
-            model, before any method is applied.
+        ValueError: a config the comparison cannot run (:func:`check_sd_experiment`), no methods, an
+            ``out`` holding a comparison started with other settings (before anything is loaded), or an
+            SDXL base model (before any method is applied).
     """
     from .._utils.io import read_prompts
     from ..adaptors.pipeline import FairFinetunePipeline, load_fair_adaptor
     from ..components.base import EvalComponents
     from ..components.families import SD1, family_of
-    from ..evaluation.audit import evaluate
+    from ..evaluation.audit import NOISE_SCHEME, evaluate
     from ..training.experiment import read_experiment
 
     settings = settings or SDCompareSettings()
@@ -158,6 +292,18 @@ def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str
     device = _device()
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = experiment.config.base_model
+    out = Path(out)
+    # What a stopped comparison in ``out`` must have been started with to be resumed.
+    resume_settings = json.loads(json.dumps({
+        **asdict(settings), "adaptor": adaptor, "methods": list(methods), "dtype": str(dtype),
+        "held_out_prompts": held_out, "train_prompts": train_prompts, "experiment": experiment.to_dict()}))
+    progress = read_progress(out)
+    if progress is not None and progress["settings"] != resume_settings:
+        earlier = progress["settings"]
+        changed = sorted(k for k in set(earlier) | set(resume_settings) if earlier.get(k) != resume_settings.get(k))
+        raise ValueError(f"{out} holds a comparison started with other settings ({', '.join(changed)}): run it "
+                         "again with the same arguments to resume it, or pass --overwrite to start over")
+    records = progress["records"] if progress is not None else {}
 
     base_pipe = load_base_pipeline(model, device, dtype)
     if family_of(base_pipe) is not SD1:
@@ -171,19 +317,20 @@ def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str
                                      crop_factor=components.crop_factor)
     attributes = {a: list(c) for t in targets for a, c in t.classes.items()}
     words = class_words(attributes)
-    out = Path(out)
+    batch_size = settings.batch_size or images_per_prompt
     out.mkdir(parents=True, exist_ok=True)
+    base_images = StoredImages(out / BASE_IMAGES, held_out)
 
-    def audit(pipe, reference):
+    def audit(name, pipe):
         started = time.time()
         result = evaluate(pipe, held_out, audit_components, images_per_prompt=images_per_prompt, seed=settings.seed,
-                          batch_size=settings.batch_size or images_per_prompt, guidance_scale=GUIDANCE_SCALE,
-                          num_inference_steps=STEPS, reference_pipe=reference,
-                          image_embedders=embedders if reference is not None else None, num_samples=0, progress=False)
+                          batch_size=batch_size, guidance_scale=GUIDANCE_SCALE, num_inference_steps=STEPS,
+                          reference_images=base_images, image_embedders=embedders, num_samples=0,
+                          out_dir=out / AUDITS / name, progress=False)
         return result, time.time() - started
 
-    def record(result, seconds, audit_seconds, changes_prompt) -> dict:
-        summary = result.summary("model")
+    def record(result, source, seconds, audit_seconds, changes_prompt) -> dict:
+        summary = result.summary(source)
         similarities = {n: s["mean"] for n, s in summary.get("similarity", {}).items()}
         return {"bias": {a: summary["groups"][a]["bias_mean"] for a in result.attributes},
                 "shares": {a: summary["groups"][a]["freqs"] for a in result.attributes},
@@ -215,25 +362,42 @@ def run_sd_comparison(config: str | Path, out: str | Path, methods: Sequence[str
         pipe = debias_vl(base_pipe, train_prompts, targets, words)  # "debias-vl"
         return pipe, {"lambda": DEFAULT_LAMBDA}
 
-    print(f"auditing base on {len(held_out)} held-out prompts", flush=True)
-    base, base_seconds = audit(base_pipe, None)
     comparison = {
         "targeted": list(attributes),
-        "methods": {"base": record(base, 0.0, base_seconds, False)},
+        "methods": {},
         "settings": {**asdict(settings), "config": str(experiment.source), "base_model": model,
                      "images_per_prompt": images_per_prompt, "guidance_scale": GUIDANCE_SCALE,
                      "num_inference_steps": STEPS, "similarity": similarity_name, "held_out_prompts": held_out,
                      "targets": [str(t) for t in targets]},
     }
-    write_comparison(comparison, out)  # and after every method, so that a stopped run keeps what it measured
-    for name in methods:
+
+    def write():
+        # copies: write_comparison marks the Pareto fronts in the records it is given
+        comparison["methods"] = {n: dict(records[n]) for n in ("base", *methods) if n in records}
+        write_comparison(comparison, out)
+
+    write_progress(out, resume_settings, records)
+    image_settings = {"base_model": model, "seed": settings.seed, "images_per_prompt": images_per_prompt,
+                      "batch_size": batch_size, "guidance_scale": GUIDANCE_SCALE, "num_inference_steps": STEPS,
+                      "noise": NOISE_SCHEME, "dtype": str(dtype)}
+    print(f"generating the base model's images of {len(held_out)} held-out prompts", flush=True)
+    base_seconds = save_base_images(base_pipe, held_out, out / BASE_IMAGES, image_settings)
+    pending = [name for name in methods if name not in records]
+    if len(pending) < len(methods):
+        print(f"resuming: {', '.join(n for n in methods if n in records)} audited already", flush=True)
+    for name in pending:
         print(f"applying {name}", flush=True)
         started = time.time()
         pipe, extra = build(name)
         seconds = time.time() - started
         print(f"auditing {name}", flush=True)
-        result, audit_seconds = audit(pipe, base_pipe)
-        comparison["methods"][name] = {**record(result, seconds, audit_seconds, name in CHANGES_PROMPT), **extra}
-        write_comparison(comparison, out)
+        result, audit_seconds = audit(name, pipe)
+        if "base" not in records:  # every audit reads the same base images: the first gives the base's numbers
+            records["base"] = record(result, "reference", 0.0, base_seconds, False)
+        records[name] = {**record(result, "model", seconds, audit_seconds, name in CHANGES_PROMPT), **extra}
+        write_progress(out, resume_settings, records)
+        write()  # after every method, so that a stopped run shows what it measured
+    if not pending:  # every method was audited by an earlier run
+        write()
     print((out / "comparison.md").read_text(), flush=True)
     return comparison

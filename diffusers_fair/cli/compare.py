@@ -16,7 +16,8 @@ from ._outputs import check_output_folder, earlier_results, non_negative_int, po
 NAME = "compare"
 HELP = "audit the base model, the fair adaptor and the published debiasing alternatives on the same prompts"
 
-# What a comparison writes (after every method, so a stopped one leaves them too).
+# What a comparison writes (after every method, so a stopped one leaves them too; with --config a stopped one
+# is resumed by running it again with the same arguments).
 RESULT_NAMES = ("comparison.json", "comparison.md", "comparison.png")
 
 
@@ -33,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="with --config: change a config value (repeatable), as diffusers-fair train --set")
     parser.add_argument("--out", type=Path, required=True,
-                        help="output folder: comparison.json, comparison.md, comparison.png")
+                        help="output folder: comparison.json, comparison.md, comparison.png (with --config also the "
+                             "base images and the audits, so that a stopped comparison run again with the same "
+                             "arguments resumes where it stopped)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier comparison in --out: the new one is written to a "
                              "temporary folder beside it and swapped in when complete")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.config} first, or pass --adaptor")
     check_output_folder(args.out, "--out")
     earlier = earlier_results(args.out, RESULT_NAMES)
-    if earlier and not args.overwrite:
+    if earlier and not args.overwrite and not _resumable(args):
         raise ValueError(f"--out {args.out} holds the results of an earlier comparison ({', '.join(earlier)}): pass "
                          "--overwrite to replace them, or choose another folder")
     compare = _run_toy if args.config is None else _run_sd
@@ -78,6 +81,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         compare(args, args.out)
     return 0
+
+
+def _resumable(args: argparse.Namespace) -> bool:
+    """Whether --out holds a Stable Diffusion comparison that stopped before its end: it is resumed in place."""
+    if args.config is None:
+        return False  # the toy comparison is short: it starts over
+    from ._compare_sd import interrupted_comparison
+
+    return interrupted_comparison(args.out)
 
 
 def _run_toy(args: argparse.Namespace, out: Path) -> None:
