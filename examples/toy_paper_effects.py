@@ -4,6 +4,7 @@
     python examples/toy_paper_effects.py --out results/toy --only gender race
     python examples/toy_paper_effects.py --out /tmp/toy --quick --only gender  # a smoke run
     python examples/toy_paper_effects.py --out results/seeds --only gender-race --seeds 0 1 2
+    python examples/toy_paper_effects.py --out results/no-preserve --no-preserve   # the paper's loss alone
 
 Every run is a toy experiment config shipped in the package (``diffusers_fair/toy/configs/<config>.yaml``,
 linked from ``examples/configs/toy_<config>.yaml``, the ones ``diffusers-fair train`` runs) put through
@@ -23,6 +24,9 @@ pipeline. The base model is audited once and shared by all runs. Each run writes
 ``--seeds`` repeats each run with other seeds (the training draws and the audit noise; the base
 model is audited once per seed) into ``OUT/<name>/seed<k>/``; the summary then adds the mean and
 standard deviation over the seeds of each targeted attribute's after / before ratio.
+
+Every run holds the traits it does not target where the base model draws them (``preserve``, on by
+default); ``--no-preserve`` trains with the paper's loss alone (``preserve=[]``).
 """
 
 from __future__ import annotations
@@ -146,6 +150,8 @@ def main(argv=None) -> dict[str, dict]:
     parser.add_argument("--lr-schedule", choices=["constant", "cosine"],
                         help="override the demo's learning-rate schedule (an experiment's own settings win)")
     parser.add_argument("--seeds", type=int, nargs="+", help="repeat each run with these seeds (default: the demo's seed)")
+    parser.add_argument("--no-preserve", action="store_true",
+                        help="train without holding the untargeted traits (preserve=[], the paper's loss)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--summary-only", action="store_true", help="rewrite the summary files from summary.json")
     args = parser.parse_args(argv)
@@ -162,6 +168,8 @@ def main(argv=None) -> dict[str, dict]:
         settings.lr_schedule = args.lr_schedule
     seeds = args.seeds or [settings.seed]
     chosen = {name: experiments()[name] for name in args.only} if args.only else experiments()  # in the order asked
+    if args.no_preserve:
+        chosen = {name: replace(e, trainable={**e.trainable, "preserve": []}) for name, e in chosen.items()}
     args.out.mkdir(parents=True, exist_ok=True)
 
     reports = {}

@@ -77,10 +77,11 @@ def test_seed_statistics_average_each_experiment_over_its_seeds():
 
 def test_paper_effects_pass_the_overridden_settings_to_each_run(tmp_path, monkeypatch):
     script = load("toy_paper_effects")
-    seen = []
+    seen, seen_experiments = [], []
 
     def fake_run(folder, experiment, settings, before):
         seen.append((folder.relative_to(tmp_path).as_posix(), experiment.name, settings))
+        seen_experiments.append(experiment)
         return {"settings": {"seed": settings.seed}}
 
     monkeypatch.setattr(script, "audit_base_model", lambda settings, components: {"seed": settings.seed})
@@ -95,6 +96,12 @@ def test_paper_effects_pass_the_overridden_settings_to_each_run(tmp_path, monkey
         assert (settings.lr_schedule, settings.iterations, settings.seed) == ("cosine", 5, 3)
         assert settings.images_per_prompt == 16  # the rest stay the demo's
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {"gender-race-age/seed3", "gender/seed3"}
+    assert all("preserve" not in experiment.trainable for experiment in seen_experiments)  # the default: on
+
+    seen.clear()
+    seen_experiments.clear()
+    script.main(["--out", str(tmp_path / "off"), "--only", "gender-race-age", "--no-preserve"])
+    assert seen_experiments[0].trainable == {"weight_loss_img": 8.0, "lr_schedule": "cosine", "preserve": []}
 
 
 def test_ship_script_builds_the_index_entry_from_the_run(tmp_path):
