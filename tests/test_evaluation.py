@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from diffusers_fair._utils.io import read_prompts
 from diffusers_fair.evaluation.audit import (
+    PromptCache,
     clip_text_embedder,
     evaluate,
     generate,
@@ -283,6 +284,15 @@ def test_resume_reuses_finished_prompts(toy_pipe, toy_components, tmp_path):
     assert [p.index for p in resumed.prompts] == [0, 1, 2]
     with pytest.raises(ValueError, match="num_inference_steps"):
         evaluate(second, PROMPTS[:1], toy_components, **{**SETTINGS, "num_inference_steps": 4}, out_dir=tmp_path)
+    # a truncated or corrupt cached file is named, with the fix
+    key = PromptCache.key(PROMPTS[1])
+    tensors = tmp_path / "prompts" / f"{key}.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"cached prompt .*{key}.safetensors.*; remove it to compute that prompt"):
+        evaluate(second, PROMPTS[:2], toy_components, **SETTINGS, out_dir=tmp_path)
+    (tmp_path / "prompts" / f"{key}.json").write_text('{"prompt": ')
+    with pytest.raises(ValueError, match=f"{key}.json is not valid JSON.*; remove it to compute that prompt"):
+        evaluate(second, PROMPTS[:2], toy_components, **SETTINGS, out_dir=tmp_path)
 
 
 def test_cli_eval_with_an_adaptor_writes_the_report(toy_pipe, tmp_path):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._utils.io import load_safetensors, read_json
 from ..components.families import SDXL, family_of
 from .metrics import SOURCES
 from .results import EvalResult, ImageReadout, PromptResult
@@ -179,7 +180,8 @@ class PromptCache:
 
     ``key`` is a digest of the prompt text, so the cache survives reordering the prompt file.
     Files are written under a temporary name and renamed, the JSON last: a prompt interrupted
-    half-way is simply absent. A cached prompt written with other settings raises ``ValueError``.
+    half-way is simply absent. A cached prompt written with other settings, or a truncated or
+    corrupt cached file, raises ``ValueError`` naming the file.
     """
 
     def __init__(self, folder: str | Path, settings: dict):
@@ -192,12 +194,16 @@ class PromptCache:
         return hashlib.sha256(prompt.encode()).hexdigest()[:20]
 
     def load(self, index: int, prompt: str) -> PromptResult | None:
-        from safetensors.torch import load_file
-
         path = self.folder / f"{self.key(prompt)}.json"
         if not path.exists():
             return None
-        record = json.loads(path.read_text())
+        fix = "remove it to compute that prompt again"
+        try:
+            record = read_json(path, "the cached prompt record")
+        except ValueError as error:
+            raise ValueError(f"{error}; {fix}") from None
+        if not (isinstance(record, dict) and {"prompt", "settings", "tensors", "similarity"} <= set(record)):
+            raise ValueError(f"the cached prompt record {path} is not one: {fix}")
         if record["prompt"] != prompt:
             raise ValueError(f"{path} holds another prompt ({record['prompt']!r}); remove it")
         if record["settings"] != self.settings:
@@ -205,7 +211,11 @@ class PromptCache:
                              if record["settings"].get(k) != self.settings.get(k))
             raise ValueError(f"{self.folder} holds results computed with other settings ({', '.join(changed)}); "
                              "use another output folder, or remove it to start over")
-        t = load_file(str(self.folder / record["tensors"]))
+        tensors = self.folder / Path(record["tensors"]).name  # the record names a file of this folder only
+        try:
+            t = load_safetensors(tensors, f"the cached prompt {tensors}")
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{' '.join(str(error).split())}; {fix}") from None
         attributes = list(self.settings["attributes"])
 
         def readout(source: str) -> ImageReadout | None:
