@@ -70,8 +70,9 @@ def test_two_processes_train_like_one(tmp_path):
     for a, b in zip(records, log):
         assert a["prompts"] == b["prompts"] and a["kept"] == b["kept"]
         assert a["batch_distribution"] == b["batch_distribution"]
-        for key in ("loss", "dal", "semantics", "face_realism"):
+        for key in ("loss", "dal", "semantics", "face_realism", "preserve"):  # age is preserved by default
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+        assert a["preserve_kept"] == pytest.approx(b["preserve_kept"]) and set(a["preserve_kept"]) == {"age"}
     assert read_fair_adaptor(tmp_path / "adaptor").metadata.name == "worker"
     params = torch.load(tmp_path / "params.pt", weights_only=True)
     for name, p in single.params.items():
