@@ -63,22 +63,19 @@ def check_cache(folder: Path) -> None:
     Raises:
         ValueError: naming a cached file that is truncated or corrupt, and the fix.
     """
-    import json
-
-    from safetensors import safe_open
+    from .._utils.io import load_safetensors, read_json
+    from ..evaluation.audit import PromptCache
 
     if not folder.is_dir():
         return
     for path in sorted(folder.iterdir()):
         try:
             if path.suffix == ".json":
-                record = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(record, dict) or not {"prompt", "settings", "tensors"} <= set(record):
+                record = read_json(path, "record")
+                if not isinstance(record, dict) or not PromptCache.RECORD_KEYS <= set(record):
                     raise ValueError("not a cached prompt record")
             elif path.suffix == ".safetensors":
-                with safe_open(str(path), framework="pt") as handle:
-                    for key in handle.keys():
-                        handle.get_tensor(key)
+                load_safetensors(path, "tensors")
         except Exception as error:  # JSON, OS and safetensors errors alike mean an unusable cache entry
             raise ValueError(f"the cached prompt {path} is truncated or corrupt ({' '.join(str(error).split())}); "
                              "remove it to compute that prompt again") from None

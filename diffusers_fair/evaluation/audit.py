@@ -184,6 +184,9 @@ class PromptCache:
     corrupt cached file, raises ``ValueError`` naming the file.
     """
 
+    # What a cached prompt's ``<key>.json`` record holds.
+    RECORD_KEYS = frozenset({"prompt", "settings", "tensors", "similarity"})
+
     def __init__(self, folder: str | Path, settings: dict):
         self.folder = Path(folder)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
@@ -202,7 +205,7 @@ class PromptCache:
             record = read_json(path, "the cached prompt record")
         except ValueError as error:
             raise ValueError(f"{error}; {fix}") from None
-        if not (isinstance(record, dict) and {"prompt", "settings", "tensors", "similarity"} <= set(record)):
+        if not (isinstance(record, dict) and self.RECORD_KEYS <= set(record)):
             raise ValueError(f"the cached prompt record {path} is not one: {fix}")
         if record["prompt"] != prompt:
             raise ValueError(f"{path} holds another prompt ({record['prompt']!r}); remove it")
